@@ -1,0 +1,175 @@
+"""Full training state in one safetensors file: tensors in the body, everything else as
+JSON in the header metadata. Nothing we load can execute code (no pickle).
+
+A nested state (dicts, lists, tuples, tensors, numbers, strings, None) is flattened: each
+tensor is stored under its path (``model/conv.weight``, ``optimizer/state/0/exp_avg``) and
+replaced in a JSON "skeleton" by ``{"__tensor__": path}``. Writes go to a temporary file in
+the same folder, are fsynced, then renamed over the target, so a crash (even SIGKILL) leaves
+either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from convrecipes.errors import CheckpointError
+
+FORMAT = "convrecipes-checkpoint"
+VERSION = 1
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_FLOAT = "__float__"  # inf/nan, which strict JSON cannot hold
+_INT_KEYS = "__int_keys__"  # optimizer state is keyed by int; JSON would make the keys str
+
+PathLike = Union[str, os.PathLike]
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state into a JSON-able skeleton and a flat ``{path: tensor}`` dict."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            # clone: safetensors refuses tensors that share memory (tied weights, views)
+            tensors[path] = obj.detach().to("cpu").contiguous().clone()
+            return {_TENSOR: path}
+        if isinstance(obj, Mapping):
+            node = {str(k): walk(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
+            if obj and all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+                return {_INT_KEYS: node}
+            return node
+        if isinstance(obj, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {_FLOAT: repr(obj)}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint")
+
+    return walk(state, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten_state``."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR}:
+            return tensors[skeleton[_TENSOR]]
+        if set(skeleton) == {_TUPLE}:
+            return tuple(unflatten_state(v, tensors) for v in skeleton[_TUPLE])
+        if set(skeleton) == {_FLOAT}:
+            return float(skeleton[_FLOAT])
+        if set(skeleton) == {_INT_KEYS}:
+            return {int(k): unflatten_state(v, tensors) for k, v in skeleton[_INT_KEYS].items()}
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state`` (nested, with tensors) and JSON ``metadata`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skeleton, tensors = flatten_state(dict(state))
+    header = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "state": json.dumps(skeleton),
+        "metadata": json.dumps(dict(metadata or {})),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint, without reading its tensors."""
+    return _open(path)[1]
+
+
+def load_checkpoint(path: PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a checkpoint written by ``save_checkpoint``: returns ``(state, metadata)``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not safetensors, or not ours.
+    """
+    header, metadata = _open(path)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+        state = unflatten_state(json.loads(header["state"]), tensors)
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({exc}); use another checkpoint, e.g. best.safetensors "
+            f"or last.safetensors of the same run"
+        ) from None
+    return state, metadata
+
+
+def _open(path: PathLike) -> tuple[dict[str, str], dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; pass a .safetensors file or a run directory")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it may be truncated by a crash or not a "
+            f"checkpoint — use another checkpoint of the run (best.safetensors / last.safetensors)"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a convrecipes checkpoint (no '{FORMAT}' header); "
+            f"to start from plain weights, load them into the model yourself or set model.pretrained"
+        )
+    try:
+        return header, json.loads(header.get("metadata", "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path} has a corrupt header ({exc})") from None
+
+
+def load_model_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: PathLike) -> None:
+    """``model.load_state_dict(weights)`` with a clear error when the architecture differs."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = []
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
+        if missing:
+            lines.append(f"{len(missing)} weights missing from the checkpoint, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:3])}")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit this model ({'; '.join(lines)}); it was probably saved from "
+            f"another architecture or number of classes — use the recipe the checkpoint was trained with"
+        )
+    model.load_state_dict(weights)
