@@ -167,3 +167,18 @@ class InMemoryLoader:
                 labels = labels.to(self.device, non_blocking=True)
                 valid = valid.to(self.device, non_blocking=True)
             yield images, labels, valid
+
+
+def shard_loader(loader: InMemoryLoader, num_replicas: int, rank: int, device: Optional[torch.device]) -> None:
+    """Point ``loader`` at this process's shard and device (called by the trainer)."""
+    if loader.batch_size % num_replicas:
+        raise ValueError(
+            f"global batch size {loader.batch_size} is not divisible by {num_replicas} processes; "
+            f"choose a batch size that is a multiple of the process count"
+        )
+    loader.num_replicas, loader.rank = num_replicas, rank
+    loader.local_batch_size = loader.batch_size // num_replicas
+    if device is not None and loader.device != device:
+        loader.device = device
+        if torch.device(device).type == "cuda" and not loader.dataset.images.is_pinned():
+            loader.dataset.images = loader.dataset.images.pin_memory()

@@ -1,0 +1,14 @@
+"""Trainers: the loop (``Trainer``) and one module per training algorithm."""
+
+from convrecipes.registry import Registry
+from convrecipes.trainers.base import StepOutput, Trainer
+from convrecipes.trainers.callbacks import Callback, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from convrecipes.trainers.supervised import SupervisedTrainer
+
+TRAINERS: Registry[type] = Registry("trainer")
+TRAINERS.register("supervised")(SupervisedTrainer)
+
+__all__ = [
+    "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer",
+    "Callback", "EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau",
+]

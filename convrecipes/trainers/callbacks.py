@@ -1,0 +1,165 @@
+"""Callbacks: code that runs at fixed points of ``Trainer.fit`` without changing the loop.
+
+Each callback's ``state_dict`` is JSON-able and saved in checkpoints, so early-stopping
+counters and the best metric survive a resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from convrecipes.trainers.base import Trainer
+
+
+def _improved(value: float, best: Optional[float], mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    return mode
+
+
+class Callback:
+    """Base class; override the hooks you need."""
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Before the first epoch (after a resume has been applied)."""
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        """Before each training epoch."""
+
+    def on_step_end(self, trainer: "Trainer", global_step: int) -> None:
+        """After each optimizer step (``global_step`` counts optimizer steps, from 1)."""
+
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After each epoch's training and evaluation, with that epoch's metrics."""
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        """After the last epoch, or after an early stop."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s output."""
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", patience: int = 10, min_delta: float = 0.0) -> None:
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, _check_mode(mode), patience, min_delta
+        self.best: Optional[float] = None
+        self.bad_epochs = 0
+
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        if self.monitor not in metrics:
+            return
+        value = metrics[self.monitor]
+        if _improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.bad_epochs = value, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            trainer.print(f"early stopping: {self.monitor} has not improved for {self.patience} epochs "
+                          f"(best {self.best:.4f})")
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply every param group's LR by ``factor`` after ``patience`` epochs without
+    improvement of ``monitor`` (torch's ``ReduceLROnPlateau``, driven by epoch metrics)."""
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", factor: float = 0.1, patience: int = 5,
+                 min_lr: float = 0.0) -> None:
+        self.monitor, self.mode = monitor, _check_mode(mode)
+        self.kwargs = dict(mode=mode, factor=factor, patience=patience, min_lr=min_lr)
+        self._plateau: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
+        self._pending: Optional[dict[str, Any]] = None
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, **self.kwargs)
+        if self._pending is not None:
+            self._plateau.load_state_dict(self._pending)
+
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        if self._plateau is not None and self.monitor in metrics:
+            self._plateau.step(metrics[self.monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._plateau is None else {
+            k: v for k, v in self._plateau.state_dict().items() if isinstance(v, (int, float, str, list, type(None)))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._pending = state
+
+
+class ModelCheckpoint(Callback):
+    """Keep ``last.safetensors`` (every epoch, and every ``every_n_steps`` optimizer steps)
+    and ``best.safetensors`` (when ``monitor`` improves) in ``dirpath``.
+
+    Both are full training states (resume from either). ``best`` is an atomic copy of the
+    ``last`` just written, so it costs a file copy, not a second serialisation.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, monitor: Optional[str] = "val_top1", mode: str = "max",
+                 every_n_steps: Optional[int] = None) -> None:
+        self.dirpath = Path(dirpath)
+        self.monitor, self.mode, self.every_n_steps = monitor, _check_mode(mode), every_n_steps
+        self.best: Optional[float] = None
+        self._warned = False
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dirpath / "best.safetensors"
+
+    def on_step_end(self, trainer: "Trainer", global_step: int) -> None:
+        if self.every_n_steps and global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.last_path)
+
+    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        improved = False
+        if self.monitor is not None:
+            value = metrics.get(self.monitor)
+            if value is None or not math.isfinite(value):
+                if not self._warned:
+                    trainer.print(f"checkpoint: metric {self.monitor!r} is not logged; keeping only last.safetensors")
+                    self._warned = True
+            elif _improved(value, self.best, self.mode):
+                self.best, improved = value, True
+        # Record the new best before writing, so `last` carries the callback state it implies.
+        trainer.save_checkpoint(self.last_path)
+        if improved and trainer.is_main_process:
+            tmp = self.best_path.with_name(f".{self.best_path.name}.tmp-{os.getpid()}")
+            shutil.copyfile(self.last_path, tmp)
+            os.replace(tmp, self.best_path)
+        trainer.wait_for_everyone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]

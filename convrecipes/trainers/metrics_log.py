@@ -1,0 +1,74 @@
+"""Per-epoch metrics: one console line, one JSON line in ``metrics.jsonl``, a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One readable console line; accuracies are percentages."""
+    parts = []
+    for key, value in metrics.items():
+        if key == "epoch":
+            continue
+        if isinstance(value, float):
+            if key.endswith(("top1", "top5")):
+                parts.append(f"{key} {value:.2f}")
+            elif key == "lr" or abs(value) < 1e-3:
+                parts.append(f"{key} {value:.3g}")
+            elif key.endswith(("images_per_s", "time_s")):
+                parts.append(f"{key} {value:.0f}" if key.endswith("images_per_s") else f"{key} {value:.1f}")
+            else:
+                parts.append(f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return "  ".join(parts)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON object as a line."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSON-lines file."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_curves(records: Iterable[dict], path: Path, title: Optional[str] = None) -> Optional[Path]:
+    """Loss, accuracy and LR against epoch in one PNG; returns the path (None if no records)."""
+    records = list(records)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [
+        ("loss", [k for k in records[-1] if k.endswith("loss")]),
+        ("accuracy (%)", [k for k in records[-1] if k.endswith(("top1", "top5"))]),
+        ("learning rate", ["lr"]),
+    ]
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            ys = [r.get(key) for r in records]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, ys, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if keys and label != "learning rate":
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
