@@ -1,0 +1,224 @@
+"""``build(recipe)``: turn a validated recipe into the plain objects a trainer takes.
+
+The recipe layer knows about trainers; trainers never know about recipes. Kept apart from
+``recipe.py`` (which only reads and validates configs) so that module stays importable
+without torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from convrecipes.augment import build_augment, build_eval_transform, dataset_mean_std
+from convrecipes.data import ImageTensorDataset, InMemoryLoader, PKBatchSampler, load_dataset
+from convrecipes.data.splits import stratified_split, subset_indices
+from convrecipes.errors import RecipeError
+from convrecipes.losses import LOSSES, build_loss
+from convrecipes.models import count_parameters, create_model
+from convrecipes.optim import build_optimizer, scaled_lr
+from convrecipes.recipe import Recipe, loss_terms, recipe_to_dict
+from convrecipes.schedulers import build_scheduler
+from convrecipes.trainers import TRAINERS, EarlyStopping, ModelCheckpoint, Trainer
+
+
+@dataclass
+class Datasets:
+    """The splits of a recipe's data (val may be None)."""
+
+    train: ImageTensorDataset
+    val: Optional[ImageTensorDataset]
+    test: ImageTensorDataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.test.num_classes
+
+
+@dataclass
+class Experiment:
+    """Everything ``build`` makes: call ``trainer.fit(train_loader, val_loader, epochs)``."""
+
+    recipe: Recipe
+    trainer: Trainer
+    train_loader: InMemoryLoader
+    val_loader: Optional[InMemoryLoader]
+    test_loader: InMemoryLoader
+    datasets: Datasets
+    num_parameters: int
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """An ``Accelerator`` honouring the recipe's mixed precision (None: the launcher's)."""
+    return Accelerator(mixed_precision=recipe.trainer.mixed_precision)
+
+
+def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -> Datasets:
+    """Load, subset and split the recipe's data (test always; train/val if asked)."""
+    d = recipe.data
+    kw = dict(data_dir=d.data_dir, download=d.download, image_size=d.image_size, channels=d.channels)
+    test = load_dataset(d.name, "test", **kw)
+    if "train" not in splits:
+        return Datasets(train=test, val=None, test=test)
+    train = load_dataset(d.name, "train", **kw)
+    if d.subset_fraction is not None or d.subset_per_class is not None:
+        train = train.subset(subset_indices(train.labels, fraction=d.subset_fraction,
+                                            per_class=d.subset_per_class, seed=recipe.seed))
+    val = None
+    if d.val_fraction > 0:
+        train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=recipe.seed)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    return Datasets(train=train, val=val, test=test)
+
+
+def _eval_loader(ds: ImageTensorDataset, recipe: Recipe, accelerator: Accelerator) -> InMemoryLoader:
+    n = accelerator.num_processes
+    batch = max(n, recipe.data.eval_batch_size // n * n)  # divisible by the process count
+    return InMemoryLoader(ds, batch, shuffle=False, drop_last=False, num_replicas=n,
+                          rank=accelerator.process_index, device=accelerator.device)
+
+
+def _loss_needs(recipe: Recipe) -> tuple[bool, Any]:
+    """Whether the recipe's losses need embeddings, and a head factory if one brings its own."""
+    needs, head = False, None
+    for term in loss_terms(recipe.loss):
+        cls = LOSSES.get(term["name"])
+        needs = needs or bool(getattr(cls, "needs_embeddings", False))
+        if hasattr(cls, "make_head"):
+            head = cls.make_head
+    return needs, head
+
+
+def _checked_kwargs(fn: Any, params: dict[str, Any], what: str, taken: tuple[str, ...]) -> dict[str, Any]:
+    sig = inspect.signature(fn)
+    valid = [k for k, p in sig.parameters.items()
+             if k not in taken and k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise RecipeError(f"unknown {what} param {unknown[0]!r}; valid params: {', '.join(valid) or '(none)'}")
+    return params
+
+
+def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Optional[Path] = None,
+          datasets: Optional[Datasets] = None) -> Experiment:
+    """Build data loaders, model, loss, optimizer, schedule, augmentation and trainer.
+
+    Mean/std computed from the training data are written back into ``recipe.augment`` so
+    the resolved recipe saved with the run reproduces the same normalisation at evaluation.
+    """
+    accelerator = accelerator or make_accelerator(recipe)
+    if recipe.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    datasets = datasets or load_datasets(recipe)
+    train, num_classes = datasets.train, datasets.num_classes
+    channels, height, width = train.image_shape
+    if recipe.augment.mean is None or recipe.augment.std is None:
+        mean, std = dataset_mean_std(train.images)
+        recipe.augment.mean = [round(m, 6) for m in mean]
+        recipe.augment.std = [round(s, 6) for s in std]
+
+    # data
+    d = recipe.data
+    sampler = None
+    if d.pk is not None:
+        if len(d.pk) != 2:
+            raise RecipeError(f"recipe key 'data.pk' must be [P, K], got {d.pk}")
+        sampler = PKBatchSampler(train.labels, p=d.pk[0], k=d.pk[1], seed=recipe.seed)
+    batch_size = sampler.global_batch_size if sampler is not None else d.batch_size
+    if batch_size % accelerator.num_processes:
+        raise RecipeError(f"data.batch_size={batch_size} is not divisible by the {accelerator.num_processes} "
+                          f"processes; use a multiple of {accelerator.num_processes}")
+    train_loader = InMemoryLoader(train, batch_size, shuffle=True, drop_last=True, seed=recipe.seed,
+                                  num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                  device=accelerator.device, batch_sampler=sampler)
+    if len(train_loader) == 0:
+        raise RecipeError(f"the training set has {len(train)} images, fewer than one batch of {batch_size}; "
+                          f"lower data.batch_size")
+    val_loader = _eval_loader(datasets.val, recipe, accelerator) if datasets.val is not None else None
+    test_loader = _eval_loader(datasets.test, recipe, accelerator)
+
+    # model and loss (the loss decides whether the model must expose embeddings)
+    set_seed(recipe.seed)  # identical initial weights on every process
+    m = recipe.model
+    needs_embeddings, head_factory = _loss_needs(recipe)
+    model = create_model(m.name, in_chans=channels, num_classes=num_classes, drop_rate=m.drop_rate,
+                         drop_path_rate=m.drop_path_rate, pretrained=m.pretrained,
+                         with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,
+                         head_factory=head_factory, **m.kwargs)
+    embedding_dim = None
+    if needs_embeddings or m.embedding_dim is not None:
+        embedding_dim = m.embedding_dim or model.backbone.num_features
+    loss_fn = build_loss(recipe.loss, num_classes=num_classes, embedding_dim=embedding_dim)
+
+    # optimizer and schedule
+    o = recipe.optimizer
+    lr = scaled_lr(o.lr, batch_size, o.reference_batch_size) if o.scale_lr_with_batch else o.lr
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    extra = [{"params": loss_params, "lr": getattr(loss_fn, "lr", None) or lr, "weight_decay": 0.0}] if loss_params else []
+    optimizer = build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+                                weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                decay_norm_and_bias=o.decay_norm_and_bias, extra_param_groups=extra)
+    t = recipe.trainer
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
+    s = recipe.schedule
+    scheduler = build_scheduler(s.name, optimizer, total_steps=steps_per_epoch * t.epochs,
+                                steps_per_epoch=steps_per_epoch,
+                                warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+                                warmup_start_factor=s.warmup_start_factor, **s.params)
+
+    # augmentation
+    a = recipe.augment
+    augment = build_augment(a.preset, image_size=(height, width), channels=channels, mean=a.mean, std=a.std,
+                            num_classes=num_classes, hflip=a.hflip, mixup_alpha=a.mixup_alpha,
+                            cutmix_alpha=a.cutmix_alpha, mix_prob=a.mix_prob, random_erasing=a.random_erasing)
+    eval_transform = build_eval_transform(a.mean, a.std)
+
+    # trainer
+    callbacks: list = []
+    if run_dir is not None:
+        callbacks.append(ModelCheckpoint(run_dir, monitor=t.monitor if val_loader is not None else None,
+                                         mode=t.monitor_mode, every_n_steps=t.checkpoint_every_steps))
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping_patience))
+    trainer_cls = TRAINERS.get(t.name)
+    params = _checked_kwargs(trainer_cls.__init__, dict(t.params), f"trainer {t.name!r}",
+                             taken=tuple(inspect.signature(Trainer.__init__).parameters))
+    num_parameters = count_parameters(model)
+    metadata = {
+        "recipe": recipe_to_dict(recipe),
+        "classes": train.classes,
+        "num_parameters": num_parameters,
+        "global_batch_size": batch_size,
+        "num_processes": accelerator.num_processes,
+    }
+    trainer = trainer_cls(
+        model, optimizer, loss_fn, scheduler=scheduler, augment=augment, eval_transform=eval_transform,
+        accelerator=accelerator, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
+        ema_decay=t.ema_decay, callbacks=callbacks, run_dir=run_dir, seed=recipe.seed,
+        channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata, **params,
+    )
+    return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters)
+
+
+def build_for_evaluation(recipe: Recipe, accelerator: Optional[Accelerator] = None) -> Experiment:
+    """Like ``build`` but loads only the test split (mean/std must be in the recipe)."""
+    if recipe.augment.mean is None or recipe.augment.std is None:
+        raise RecipeError("the recipe has no augment.mean/std; evaluate a run directory or checkpoint written by "
+                          "`convrecipes train`, which records them")
+    accelerator = accelerator or make_accelerator(recipe)
+    datasets = load_datasets(recipe, splits=("test",))
+    recipe.data.val_fraction = 0.0
+    return build(recipe, accelerator=accelerator, datasets=datasets)
+
+
+def module_summary(model: nn.Module) -> str:
+    """``"<class> with N parameters"``."""
+    return f"{type(model).__name__} with {count_parameters(model):,} parameters"

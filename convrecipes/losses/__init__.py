@@ -1,0 +1,51 @@
+"""The loss zoo: one module per loss family, all registered in ``LOSSES`` for recipes.
+
+A loss is an ``nn.Module`` called as ``loss(output, target)``: ``output`` is logits ``(B, C)``
+or ``ModelOutput(logits, embeddings)``, ``target`` is class indices ``(B,)`` or soft targets
+``(B, C)``. It returns a 0-dim tensor or a ``LossOutput(loss, parts, stats)``. Optional
+hooks a trainer calls: ``post_step()`` after every optimizer step; ``state_dict()`` is
+checkpointed. ``needs_embeddings`` says whether the model must return embeddings; ``lr``
+(None = the optimizer's) is the learning rate for a loss's own trainable parameters.
+"""
+
+from convrecipes.losses.registry import LOSSES, build_loss  # noqa: I001  (registry first: the others register into it)
+from convrecipes.losses.base import LossOutput, as_loss_output
+from convrecipes.losses.angular_softmax import (
+    AngularHead,
+    AngularSoftmaxLoss,
+    cos_multiple_angle,
+    sphereface_lambda,
+    sphereface_psi,
+)
+from convrecipes.losses.center import CenterLoss
+from convrecipes.losses.composite import WeightedSumLoss, loss_param_groups
+from convrecipes.losses.cross_entropy import (
+    CrossEntropyLoss,
+    LabelSmoothingCrossEntropy,
+    label_smoothing_cross_entropy,
+)
+from convrecipes.losses.hinge import MultiClassHingeLoss, multi_class_hinge_loss
+from convrecipes.losses.triplet import TripletLoss, pairwise_distances, triplet_loss
+
+__all__ = [
+    "LOSSES",
+    "AngularHead",
+    "AngularSoftmaxLoss",
+    "CenterLoss",
+    "CrossEntropyLoss",
+    "LabelSmoothingCrossEntropy",
+    "LossOutput",
+    "MultiClassHingeLoss",
+    "TripletLoss",
+    "WeightedSumLoss",
+    "as_loss_output",
+    "build_loss",
+    "cos_multiple_angle",
+    "label_smoothing_cross_entropy",
+    "loss_param_groups",
+    "multi_class_hinge_loss",
+    "pairwise_distances",
+    "sphereface_lambda",
+    "sphereface_psi",
+    "triplet_loss",
+]

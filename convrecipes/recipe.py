@@ -1,0 +1,326 @@
+"""Recipes: a typed config (dataclasses) read from YAML, ``key=value`` overrides, validation.
+
+A recipe names everything an experiment needs (data, model, optimizer, schedule, augment,
+trainer, loss). Mistakes end in one ``RecipeError`` naming the key and the valid choices;
+the CLI prints it and exits with code 2. ``convrecipes.build`` turns a recipe into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from convrecipes.errors import RecipeError
+
+
+@dataclass
+class DataConfig:
+    """Which images, how they are split and batched."""
+
+    name: str = "digits"  # a registered dataset: digits, fashion_mnist, cifar10, cifar100, image_folder
+    data_dir: Optional[str] = None  # where the files are (image_folder: the class-per-folder root)
+    download: bool = False  # let torchvision download when the files are absent (needs internet)
+    image_size: Optional[int] = None  # resize once at load time (None: native size)
+    channels: Optional[int] = None  # convert to 1 or 3 channels (None: native)
+    val_fraction: float = 0.1  # stratified validation split carved from the training set
+    subset_fraction: Optional[float] = None  # train on a stratified fraction of the training set
+    subset_per_class: Optional[int] = None  # ... or on this many images per class
+    batch_size: int = 128  # GLOBAL batch size (split across processes)
+    eval_batch_size: int = 512
+    pk: Optional[list[int]] = None  # [P, K]: batches of P classes x K images (metric losses)
+
+
+@dataclass
+class ModelConfig:
+    """Any timm model name (ours included) and its construction arguments."""
+
+    name: str = "tiny_cnn"
+    pretrained: bool = False
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    embedding_dim: Optional[int] = None  # add a linear embedding layer of this width (e.g. 2 for plots)
+    channels_last: bool = True
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer (built with timm's optimizer factory)."""
+
+    name: str = "sgd"  # sgd, adamw, adam, adamax
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    decay_norm_and_bias: bool = False  # by default norm and bias parameters get no weight decay
+    scale_lr_with_batch: bool = False  # linear scaling: lr * batch_size / reference_batch_size
+    reference_batch_size: int = 256
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped per optimizer step."""
+
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)  # the schedule's own arguments
+
+
+@dataclass
+class AugmentConfig:
+    """Batch augmentation on the device."""
+
+    preset: str = "light"  # none, light, standard, strong
+    hflip: bool = True  # False where a mirror image is another class (digits, text)
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    random_erasing: Optional[float] = None  # probability; None: the preset's default
+    mean: Optional[list[float]] = None  # per-channel normalisation; None: computed from the training set
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class TrainerConfig:
+    """The training algorithm and the loop's settings."""
+
+    name: str = "supervised"
+    epochs: int = 10
+    grad_accum_steps: int = 1
+    grad_clip: Optional[float] = None
+    mixed_precision: Optional[str] = None  # no, fp16, bf16; None: `accelerate launch` decides
+    ema_decay: Optional[float] = None
+    checkpoint_every_steps: Optional[int] = None  # also write last.safetensors every N optimizer steps
+    monitor: str = "val_top1"  # metric selecting best.safetensors
+    monitor_mode: str = "max"
+    early_stopping_patience: Optional[int] = None
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    progress: bool = True
+    params: dict[str, Any] = field(default_factory=dict)  # the trainer's own arguments
+
+
+@dataclass
+class Recipe:
+    """A complete experiment."""
+
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # one loss {name, weight, params} or a list of them (a weighted sum)
+    loss: Any = field(default_factory=lambda: {"name": "cross_entropy"})
+
+
+_CHOICES = {
+    "trainer.mixed_precision": (None, "no", "fp16", "bf16"),
+    "trainer.monitor_mode": ("min", "max"),
+}
+
+
+# -- reading -----------------------------------------------------------------------------
+def recipe_search_dirs() -> list[Path]:
+    """Where bare recipe names are looked up: ./recipes, then the repository's recipes/."""
+    return [Path.cwd() / "recipes", Path(__file__).resolve().parent.parent / "recipes"]
+
+
+def resolve_recipe_path(name_or_path: Union[str, Path]) -> Path:
+    """A recipe file from a path or a bare name such as ``quickstart``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in recipe_search_dirs():
+        for candidate in (folder / f"{name_or_path}.yaml", folder / str(name_or_path)):
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in recipe_search_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise RecipeError(f"no recipe file {str(name_or_path)!r}; pass a YAML path or one of: {', '.join(known) or '(none found)'}")
+
+
+def load_recipe(name_or_path: Union[str, Path], overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``key=value`` overrides and validate it."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of recipe keys, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Validate a nested dict into a ``Recipe``."""
+    recipe = _to_dataclass(Recipe, raw, "")
+    _validate_loss(recipe.loss)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (for YAML/JSON)."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe, path: Union[str, Path]) -> None:
+    """Write the resolved recipe as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optimizer.lr=0.1"`` -> ``("optimizer.lr", 0.1)``; values are read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not key=value (e.g. optimizer.lr=0.05)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"override {text!r} has an empty key")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Set each ``a.b.c=value`` in the nested dict (list items by index: ``loss.1.weight``)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        node: Any = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, where)
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                if not isinstance(child, (dict, list)):
+                    raise RecipeError(f"recipe key {where!r} is a value, not a section; cannot set {key!r}")
+                node = child
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(_list_index(node, last, key))] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"recipe key {where!r}: {part!r} is not an index of a {len(node)}-item list")
+    return int(part)
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    return node[_list_index(node, part, where)]
+
+
+# -- validation --------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or null)"
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise RecipeError(f"recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key!r} is a section; give it a mapping of keys, got {value!r}")
+        return _to_dataclass(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key {key!r} must be a mapping, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if not ok:
+        raise RecipeError(f"recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _to_dataclass(cls: Any, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"in section {prefix!r}" if prefix else "at the top level"
+            raise RecipeError(f"unknown recipe key {full!r}{hint}; valid keys {where}: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(value, hints[key], full)
+        if full in _CHOICES and kwargs[key] not in _CHOICES[full]:
+            valid = ", ".join("null" if c is None else str(c) for c in _CHOICES[full])
+            raise RecipeError(f"recipe key {full!r} must be one of {valid}, got {kwargs[key]!r}")
+    return cls(**kwargs)
+
+
+def loss_terms(spec: Any) -> list[dict[str, Any]]:
+    """The loss spec as a list of ``{name, weight, params}`` terms."""
+    return list(spec) if isinstance(spec, list) else [spec]
+
+
+def _validate_loss(spec: Any) -> None:
+    terms = loss_terms(spec)
+    if not terms:
+        raise RecipeError("recipe key 'loss' is empty; name at least one loss, e.g. loss.name=cross_entropy")
+    for i, term in enumerate(terms):
+        where = "loss" if not isinstance(spec, list) else f"loss.{i}"
+        if not isinstance(term, dict) or "name" not in term:
+            raise RecipeError(f"recipe key {where!r} must be a mapping with a 'name' (and optional 'weight', "
+                              f"'params'), got {term!r}")
+        unknown = set(term) - {"name", "weight", "params"}
+        if unknown:
+            raise RecipeError(f"unknown recipe key {where}.{sorted(unknown)[0]!r}; valid keys in a loss: name, weight, params")
+        _coerce(term["name"], str, f"{where}.name")
+        if "weight" in term:
+            _coerce(term["weight"], float, f"{where}.weight")
+        if "params" in term:
+            _coerce(term["params"], dict[str, Any], f"{where}.params")
