@@ -283,7 +283,9 @@ def test_warmup_then_one_cycle_ramps_to_its_first_lr_with_momentum_held():
 
 def test_warmup_then_cyclic_starts_the_cycle_after_warmup():
     opt = make_optimizer((0.01,))
-    sched = build_scheduler("cyclic", opt, 40, 5, warmup_steps=2, warmup_start_factor=0.5, max_lr=0.1, step_size_iters=4)
+    sched = build_scheduler(
+        "cyclic", opt, 40, 5, warmup_steps=2, warmup_start_factor=0.5, max_lr=0.1, step_size_iters=4
+    )
     lrs = [row[0] for row in run(opt, sched, 11)[0]]
     assert lrs[:3] == pytest.approx([0.005, 0.0075, 0.01], rel=1e-15)
     assert lrs[6] == pytest.approx(0.1, rel=1e-15)  # peak at warmup + step size
@@ -326,13 +328,16 @@ def _plain_json(value):
 
 def _build(name, lrs=(0.1, 0.02)):
     opt = make_optimizer(lrs)
-    sched = build_scheduler(name, opt, TOTAL, PER_EPOCH, warmup_steps=WARMUP, warmup_start_factor=0.1, **ROUND_TRIP_PARAMS[name])
+    sched = build_scheduler(
+        name, opt, TOTAL, PER_EPOCH, warmup_steps=WARMUP, warmup_start_factor=0.1, **ROUND_TRIP_PARAMS[name]
+    )
     return opt, sched
 
 
 def _advance(opt, sched, start, stop, record):
     for it in range(start, stop):
-        record.append(([g["lr"] for g in opt.param_groups], [momentum_of(g) for g in opt.param_groups], sched.get_last_lr()))
+        groups = opt.param_groups
+        record.append(([g["lr"] for g in groups], [momentum_of(g) for g in groups], sched.get_last_lr()))
         opt.step()
         sched.step()
         if (it + 1) % PER_EPOCH == 0:

@@ -49,7 +49,9 @@ class BatchMixing(nn.Module):
         mix_prob: probability that a batch is mixed at all.
     """
 
-    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0) -> None:
+    def __init__(
+        self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0
+    ) -> None:
         super().__init__()
         check_mixing_args(num_classes, mixup_alpha, cutmix_alpha, mix_prob)
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
@@ -74,4 +76,7 @@ class BatchMixing(nn.Module):
         return images, nn.functional.one_hot(targets, self.num_classes).float()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}, mix_prob={self.mix_prob}"
+        return (
+            f"num_classes={self.num_classes}, mixup_alpha={self.mixup_alpha}, "
+            f"cutmix_alpha={self.cutmix_alpha}, mix_prob={self.mix_prob}"
+        )

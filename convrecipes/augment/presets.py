@@ -181,7 +181,9 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float], channels: Optio
             "give one value per channel (dataset_mean_std computes them)"
         )
     if any(not s > 0 for s in std):
-        raise RecipeError(f"std must be positive in every channel, got {list(std)}; a constant channel cannot be normalized")
+        raise RecipeError(
+            f"std must be positive in every channel, got {list(std)}; a constant channel cannot be normalized"
+        )
 
 
 def build_augment(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convrecipes.losses.base import LossOutput
-from convrecipes.losses.registry import LOSSES, class_indices, embeddings_of
+from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices, embeddings_of
 from convrecipes.models.output import ModelOutput
 
 # cos(m theta) as a polynomial in c = cos(theta): the Chebyshev polynomials T_m.
@@ -142,8 +142,8 @@ class AngularSoftmaxLoss(nn.Module):
         return sphereface_lambda(self.iteration, self.base, self.gamma, self.power, self.lambda_min)
 
     def forward(self, output: Union[torch.Tensor, ModelOutput], target: torch.Tensor) -> LossOutput:
-        x = embeddings_of(output, "AngularSoftmaxLoss").float()
-        logits = output.logits.float()
+        x = at_least_fp32(embeddings_of(output, "AngularSoftmaxLoss"))
+        logits = at_least_fp32(output.logits)
         labels = class_indices(target, logits.shape[0], "AngularSoftmaxLoss")
         norm = x.norm(dim=1).clamp(min=1e-12)
         logit_y = logits.gather(1, labels[:, None]).squeeze(1)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from convrecipes.losses.registry import LOSSES, class_indices, embeddings_of
+from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices, embeddings_of
 from convrecipes.models.output import ModelOutput
 
 
@@ -68,13 +68,16 @@ class CenterLoss(nn.Module):
                 "set embedding_dim to the model's embedding size."
             )
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"CenterLoss: labels must be in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
+            raise ValueError(
+                f"CenterLoss: labels must be in [0, {self.num_classes}), "
+                f"got {int(labels.min())}..{int(labels.max())}; is num_classes right?"
+            )
         centers = self.centers[labels]
-        diff = x.float() - centers
+        diff = at_least_fp32(x) - centers
         loss = 0.5 * (diff * diff).sum(dim=1).mean()
         if self.training:
             with torch.no_grad():
-                self.pending_sum.index_add_(0, labels, -diff.detach())  # sum of (c_j - x_i)
+                self.pending_sum.index_add_(0, labels, -diff.detach().to(self.pending_sum.dtype))  # sum of (c_j - x_i)
                 self.pending_count.index_add_(0, labels, torch.ones_like(labels, dtype=self.pending_count.dtype))
         return loss
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrecipes.losses.registry import LOSSES, class_indices
+from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices
 from convrecipes.models.output import ModelOutput, logits_of
 
 
@@ -36,15 +36,15 @@ def label_smoothing_cross_entropy(
         class_weights: optional ``(K,)`` per-class weights.
     """
     batch, num_classes = logits.shape
-    logits = logits.float()  # softmax in fp32 also under bf16/fp16 autocast
+    logits = at_least_fp32(logits)  # softmax in fp32 also under bf16/fp16 autocast
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
                 f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
             )
-        q = target.float()
+        q = target.to(logits.dtype)
     else:
-        q = F.one_hot(class_indices(target, batch, "cross-entropy"), num_classes).float()
+        q = F.one_hot(class_indices(target, batch, "cross-entropy"), num_classes).to(logits.dtype)
     if class_weights is not None and class_weights.shape != (num_classes,):
         raise ValueError(
             f"class_weights has {class_weights.numel()} entries for {num_classes} classes; give one weight per class"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrecipes.losses.registry import LOSSES, class_indices
+from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices
 from convrecipes.models.output import ModelOutput, logits_of
 
 
@@ -28,6 +28,7 @@ def multi_class_hinge_loss(
         squared: square each hinge term (the L2-SVM form).
     """
     target = class_indices(target, logits.shape[0], "MultiClassHingeLoss")
+    logits = at_least_fp32(logits)
     true_score = logits.gather(1, target[:, None])
     # relu (not clamp) so the gradient at the kink is 0, as in torch's own losses
     terms = F.relu(logits - true_score + margin)

@@ -56,6 +56,11 @@ def class_indices(target: torch.Tensor, batch_size: int, loss_name: str) -> torc
     return target.long()
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when it is fp16/bf16 (autocast outputs), unchanged otherwise."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def embeddings_of(output: Union[torch.Tensor, ModelOutput], loss_name: str) -> torch.Tensor:
     """The ``(B, D)`` embeddings of a model output, or a ``ValueError`` saying how to get them."""
     embeddings = output.embeddings if isinstance(output, ModelOutput) else None

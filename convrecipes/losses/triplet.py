@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convrecipes.losses.base import LossOutput
-from convrecipes.losses.registry import LOSSES, class_indices, embeddings_of
+from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices, embeddings_of
 from convrecipes.models.output import ModelOutput
 
 MINING = ("batch_hard", "batch_all", "batch_all_nonzero", "semi_hard")
@@ -85,7 +85,7 @@ def triplet_loss(
         raise ValueError(f"unknown mining {mining!r}; valid: {', '.join(MINING)}")
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; valid: {', '.join(DISTANCES)}")
-    x = embeddings.float()
+    x = at_least_fp32(embeddings)
     if normalize:
         x = F.normalize(x, dim=1)
     batch = x.shape[0]

@@ -100,7 +100,9 @@ class CyclicSchedule(LRSchedule):
         self._base_lr = None if base_lr is None else _as_number(name, "base_lr", base_lr)
         self.max_lr = _as_number(name, "max_lr", max_lr)
         if self.base_lr <= 0:
-            raise _fail(name, f"base_lr must be > 0, got {self.base_lr}", "take it from an LR range test (about max_lr / 3-4)")
+            raise _fail(
+                name, f"base_lr must be > 0, got {self.base_lr}", "take it from an LR range test (about max_lr / 3-4)"
+            )
         if self.max_lr < self.base_lr:
             raise _fail(
                 name,

@@ -27,6 +27,11 @@ from convrecipes.schedulers.schedules import SCHEDULES, LRSchedule, _as_choice, 
 ANNEAL_STRATEGIES = ("cos", "linear")
 
 
+def _check_bool(schedule: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(schedule, f"{name} must be true or false, got {value!r}", f"set {name} to true or false")
+
+
 def _anneal(start: float, end: float, pct: float, strategy: str) -> float:
     # Written as torch writes them so that the values agree to the last bit.
     if strategy == "cos":
@@ -146,9 +151,12 @@ class OneCycleSchedule(LRSchedule):
             raise _fail(name, f"max_lr must be > 0, got {self._max_lr}", "take it from an LR range test")
         self.pct_start = _as_number(name, "pct_start", pct_start)
         if not 0.0 <= self.pct_start <= 1.0:
-            raise _fail(name, f"pct_start must be in [0, 1], got {self.pct_start}", "use e.g. 0.3 (the fraction of steps spent warming up to max_lr)")
-        if not isinstance(three_phase, bool):
-            raise _fail(name, f"three_phase must be true or false, got {three_phase!r}", "set three_phase to true or false")
+            raise _fail(
+                name,
+                f"pct_start must be in [0, 1], got {self.pct_start}",
+                "use e.g. 0.3 (the fraction of steps spent rising to max_lr)",
+            )
+        _check_bool(name, "three_phase", three_phase)
         self.three_phase = three_phase
         if three_phase and self.pct_start > 0.5:
             raise _fail(
@@ -160,10 +168,10 @@ class OneCycleSchedule(LRSchedule):
         self.final_div_factor = _as_number(name, "final_div_factor", final_div_factor)
         for key, value in (("div_factor", self.div_factor), ("final_div_factor", self.final_div_factor)):
             if value <= 0:
-                raise _fail(name, f"{key} must be > 0, got {value}", f"use e.g. {key}={25 if key == 'div_factor' else 1e4:g}")
+                default = 25 if key == "div_factor" else 1e4
+                raise _fail(name, f"{key} must be > 0, got {value}", f"use e.g. {key}={default:g}")
         self.anneal_strategy = _as_choice(name, "anneal_strategy", anneal_strategy, ANNEAL_STRATEGIES)
-        if not isinstance(cycle_momentum, bool):
-            raise _fail(name, f"cycle_momentum must be true or false, got {cycle_momentum!r}", "set cycle_momentum to true or false")
+        _check_bool(name, "cycle_momentum", cycle_momentum)
         self.cycle_momentum = cycle_momentum
         self.base_momentum = _as_number(name, "base_momentum", base_momentum)
         self.max_momentum = _as_number(name, "max_momentum", max_momentum)
@@ -171,7 +179,8 @@ class OneCycleSchedule(LRSchedule):
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
                 raise _fail(
                     name,
-                    f"cycle_momentum needs an optimizer with momentum or betas, and {type(optimizer).__name__} has neither",
+                    f"cycle_momentum needs an optimizer with momentum or betas, "
+                    f"and {type(optimizer).__name__} has neither",
                     "set cycle_momentum=false or use SGD / Adam / AdamW",
                 )
             if not 0.0 <= self.base_momentum <= self.max_momentum < 1.0:

@@ -118,7 +118,8 @@ def _as_int(schedule: str, name: str, value: Any, minimum: int) -> int:
 
 def _as_choice(schedule: str, name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise _fail(schedule, f"{name} must be one of {', '.join(choices)}, got {value!r}", f"pick one of {', '.join(choices)}")
+        listing = ", ".join(choices)
+        raise _fail(schedule, f"{name} must be one of {listing}, got {value!r}", f"pick one of {listing}")
     return value
 
 
@@ -234,7 +235,8 @@ class LRSchedule:
         if not ref > 0:
             raise _fail(
                 self.name,
-                f"the first param group's lr is {ref}, but this schedule's absolute LRs are scaled per group relative to it",
+                f"the first param group's lr is {ref}, but this schedule's absolute LRs are scaled "
+                "per group relative to it",
                 "give the first param group a positive lr",
             )
         return ref
@@ -476,15 +478,20 @@ class MultiStepSchedule(LRSchedule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
-        if isinstance(milestones_epochs, (str, bytes)) or not isinstance(milestones_epochs, Sequence) or not milestones_epochs:
+        is_list = isinstance(milestones_epochs, Sequence) and not isinstance(milestones_epochs, (str, bytes))
+        if not is_list or not milestones_epochs:
             raise _fail(
-                self.name, f"milestones_epochs must be a non-empty list of epochs, got {milestones_epochs!r}", "e.g. milestones_epochs=[30, 60, 80]"
+                self.name,
+                f"milestones_epochs must be a non-empty list of epochs, got {milestones_epochs!r}",
+                "e.g. milestones_epochs=[30, 60, 80]",
             )
-        self.milestones = [_epochs_to_steps(self.name, "milestones_epochs", e, self.steps_per_epoch) for e in milestones_epochs]
+        spe = self.steps_per_epoch
+        self.milestones = [_epochs_to_steps(self.name, "milestones_epochs", e, spe) for e in milestones_epochs]
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
             raise _fail(
                 self.name,
-                f"milestones_epochs must be strictly increasing, got {list(milestones_epochs)} (steps {self.milestones})",
+                f"milestones_epochs must be strictly increasing, "
+                f"got {list(milestones_epochs)} (steps {self.milestones})",
                 "sort them and drop duplicates",
             )
         self.gamma = _check_gamma(self.name, gamma)

@@ -2,7 +2,7 @@
 
 from convrecipes.registry import Registry
 from convrecipes.trainers.base import StepOutput, Trainer
-from convrecipes.trainers.callbacks import Callback, EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
+from convrecipes.trainers.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from convrecipes.trainers.supervised import SupervisedTrainer
 
 TRAINERS: Registry[type] = Registry("trainer")
@@ -10,5 +10,5 @@ TRAINERS.register("supervised")(SupervisedTrainer)
 
 __all__ = [
     "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer",
-    "Callback", "EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau",
+    "Callback", "EarlyStopping", "ModelCheckpoint",
 ]

@@ -84,35 +84,6 @@ class EarlyStopping(Callback):
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
 
 
-class ReduceLROnPlateau(Callback):
-    """Multiply every param group's LR by ``factor`` after ``patience`` epochs without
-    improvement of ``monitor`` (torch's ``ReduceLROnPlateau``, driven by epoch metrics)."""
-
-    def __init__(self, monitor: str = "val_loss", mode: str = "min", factor: float = 0.1, patience: int = 5,
-                 min_lr: float = 0.0) -> None:
-        self.monitor, self.mode = monitor, _check_mode(mode)
-        self.kwargs = dict(mode=mode, factor=factor, patience=patience, min_lr=min_lr)
-        self._plateau: Optional[torch.optim.lr_scheduler.ReduceLROnPlateau] = None
-        self._pending: Optional[dict[str, Any]] = None
-
-    def on_fit_start(self, trainer: "Trainer") -> None:
-        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(trainer.optimizer, **self.kwargs)
-        if self._pending is not None:
-            self._plateau.load_state_dict(self._pending)
-
-    def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
-        if self._plateau is not None and self.monitor in metrics:
-            self._plateau.step(metrics[self.monitor])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._plateau is None else {
-            k: v for k, v in self._plateau.state_dict().items() if isinstance(v, (int, float, str, list, type(None)))}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._pending = state
-
-
 class ModelCheckpoint(Callback):
     """Keep ``last.safetensors`` (every epoch, and every ``every_n_steps`` optimizer steps)
     and ``best.safetensors`` (when ``monitor`` improves) in ``dirpath``.
