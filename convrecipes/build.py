@@ -22,7 +22,7 @@ from convrecipes.augment import build_augment, build_eval_transform, dataset_mea
 from convrecipes.data import ImageTensorDataset, InMemoryLoader, PKBatchSampler, load_dataset
 from convrecipes.data.splits import stratified_split, subset_indices
 from convrecipes.errors import RecipeError
-from convrecipes.losses import LOSSES, build_loss
+from convrecipes.losses import LOSSES, build_loss, loss_param_groups
 from convrecipes.models import count_parameters, create_model
 from convrecipes.optim import build_optimizer, scaled_lr
 from convrecipes.recipe import Recipe, loss_terms, recipe_to_dict
@@ -161,8 +161,7 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     # optimizer and schedule
     o = recipe.optimizer
     lr = scaled_lr(o.lr, batch_size, o.reference_batch_size) if o.scale_lr_with_batch else o.lr
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    extra = [{"params": loss_params, "lr": getattr(loss_fn, "lr", None) or lr, "weight_decay": 0.0}] if loss_params else []
+    extra = [{**group, "weight_decay": 0.0} for group in loss_param_groups(loss_fn)]
     optimizer = build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                 decay_norm_and_bias=o.decay_norm_and_bias, extra_param_groups=extra)

@@ -1,0 +1,38 @@
+"""Shared test fixtures: a fresh Accelerate state per test, tiny data, one thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convrecipes.data.loader import ImageTensorDataset
+
+torch.set_num_threads(1)  # deterministic and fair on the 2-core CI machine
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; reset them so each test can pick its own settings."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def make_blobs_dataset(n: int = 96, num_classes: int = 4, size: int = 8, channels: int = 1, seed: int = 0) -> ImageTensorDataset:
+    """Learnable synthetic images: each class is a bright square at its own position, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    images = torch.randint(0, 60, (n, channels, size, size), generator=g)
+    half = size // 2
+    for c in range(num_classes):
+        r, col = (c // 2) % 2 * half, c % 2 * half
+        images[labels == c, :, r : r + half, col : col + half] += 150
+    return ImageTensorDataset(images.clamp(0, 255).to(torch.uint8), labels, [f"c{i}" for i in range(num_classes)])
+
+
+@pytest.fixture
+def blobs() -> ImageTensorDataset:
+    return make_blobs_dataset()
