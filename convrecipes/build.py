@@ -190,6 +190,11 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     trainer_cls = TRAINERS.get(t.name)
     params = _checked_kwargs(trainer_cls.__init__, dict(t.params), f"trainer {t.name!r}",
                              taken=tuple(inspect.signature(Trainer.__init__).parameters))
+    if hasattr(trainer_cls, "resolve_recipe_params"):
+        # e.g. a distillation teacher named by a path or a timm name becomes an nn.Module
+        params = trainer_cls.resolve_recipe_params(params, num_classes=num_classes, in_chans=channels,
+                                                   image_size=(height, width), mean=a.mean, std=a.std,
+                                                   device=accelerator.device)
     num_parameters = count_parameters(model)
     metadata = {
         "recipe": recipe_to_dict(recipe),

@@ -458,6 +458,22 @@ class Trainer:
     def load_checkpoint(self, path: Union[str, Path]) -> dict[str, Any]:
         """Restore the full training state from ``path``; returns the checkpoint's metadata."""
         state, metadata = load_checkpoint(path)
+        self.load_state_dict(state, source=path)
+        history_path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
+        if history_path is not None and history_path.exists():
+            # epochs logged after this checkpoint was written will be trained again
+            self.history = read_jsonl(history_path)[: self.epoch]
+            if self.is_main_process:
+                tmp = history_path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+                os.replace(tmp, history_path)
+        self.last_checkpoint = Path(path)
+        return metadata
+
+    def load_state_dict(self, state: dict[str, Any], source: Union[str, Path] = "<memory>") -> None:
+        """Restore ``state_dict()``'s output (model, EMA, optimizer, scheduler, loss, scaler,
+        callbacks, position and every process's RNG state)."""
+        path = source
         try:
             load_model_weights(self.unwrapped_model, state["model"], path)
             if self.ema is not None:
@@ -495,13 +511,3 @@ class Trainer:
                        f"{self.accelerator.num_processes}; augmentation randomness is re-seeded, so the "
                        f"continuation is valid but not bit-identical")
             set_seed(self.seed + self.global_step, device_specific=True)
-        history_path = self.run_dir / "metrics.jsonl" if self.run_dir is not None else None
-        if history_path is not None and history_path.exists():
-            # epochs logged after this checkpoint was written will be trained again
-            self.history = read_jsonl(history_path)[: self.epoch]
-            if self.is_main_process:
-                tmp = history_path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-                os.replace(tmp, history_path)
-        self.last_checkpoint = Path(path)
-        return metadata
