@@ -273,6 +273,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"recipe key {key!r} must be a mapping, got {value!r} ({type(value).__name__})")
         return dict(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string; users write it all the time
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -318,7 +324,7 @@ def _validate_loss(spec: Any) -> None:
                               f"'params'), got {term!r}")
         unknown = set(term) - {"name", "weight", "params"}
         if unknown:
-            raise RecipeError(f"unknown recipe key {where}.{sorted(unknown)[0]!r}; valid keys in a loss: name, weight, params")
+            raise RecipeError(f"unknown recipe key '{where}.{sorted(unknown)[0]}'; valid keys in a loss: name, weight, params")
         _coerce(term["name"], str, f"{where}.name")
         if "weight" in term:
             _coerce(term["weight"], float, f"{where}.weight")

@@ -306,6 +306,21 @@ class Trainer:
                 f"gradients (trainer.grad_clip=1.0), or use bf16 instead of fp16."
             )
 
+    def _check_finite_weights(self) -> None:
+        """Refuse to overwrite a good checkpoint with overflowed weights (the loss can still be
+        finite for a step after a weight has become inf)."""
+        models = [self.unwrapped_model] + ([self.ema.module] if self.ema is not None else [])
+        for model in models:
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    where = self.last_checkpoint or "none written yet"
+                    raise NonFiniteLossError(
+                        f"weight {name!r} became inf/nan by optimizer step {self.global_step} (epoch "
+                        f"{self.epoch + 1}); this state was not saved and the last good checkpoint is intact "
+                        f"({where}). Fix: lower the learning rate (optimizer.lr), clip gradients "
+                        f"(trainer.grad_clip=1.0), or use bf16 instead of fp16."
+                    )
+
     def _optimizer_step(self) -> None:
         if self.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -440,6 +455,7 @@ class Trainer:
     def save_checkpoint(self, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None) -> Path:
         """Write the full training state to ``path`` (collective; the main process writes)."""
         path = Path(path)
+        self._check_finite_weights()
         state = self.state_dict()
         if self.is_main_process:
             meta = {
