@@ -114,6 +114,10 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     Mean/std computed from the training data are written back into ``recipe.augment`` so
     the resolved recipe saved with the run reproduces the same normalisation at evaluation.
     """
+    if isinstance(recipe.optimizer.lr, str):
+        raise RecipeError(f"optimizer.lr={recipe.optimizer.lr!r} must be resolved to a number before building: "
+                          f"`convrecipes train` does it; in code call "
+                          f"convrecipes.lr_find_command.resolve_auto_lr(recipe, accelerator) first")
     accelerator = accelerator or make_accelerator(recipe)
     if recipe.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,4 +1,4 @@
-"""Command line: ``convrecipes train|evaluate|recipes``.
+"""Command line: ``convrecipes train|evaluate|recipes|lr-find`` (and ``lr-find``).
 
 User errors (a bad recipe key, missing data, a wrong checkpoint, a NaN loss) print one
 message and exit with code 2; no traceback.
@@ -76,6 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.resume:
         run_dir = _run_dir_for(recipe, accelerator, args.run_dir)
     t0 = time.perf_counter()
+    if isinstance(recipe.optimizer.lr, str):  # "auto": the LR range test picks it (a resume reads the number)
+        from convrecipes.lr_find_command import resolve_auto_lr
+
+        resolve_auto_lr(recipe, accelerator, run_dir)
     exp = build(recipe, accelerator=accelerator, run_dir=run_dir)
     trainer = exp.trainer
     if accelerator.is_main_process:
@@ -180,6 +184,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from convrecipes.lr_find_command import run_lr_find
+
+    return run_lr_find(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrecipes", description="Training recipes for image classification.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
     rec = sub.add_parser("recipes", help="list the available recipes")
     rec.set_defaults(func=cmd_recipes)
+    from convrecipes.lr_find_command import add_lr_find_arguments
+
+    lrf = sub.add_parser("lr-find", help="LR range test of a recipe (also the `lr-find` command)",
+                         description="Sweep the LR of a recipe's own training step; writes lr_find.json and lr_find.png.")
+    add_lr_find_arguments(lrf)
+    lrf.set_defaults(func=cmd_lr_find)
     return parser
 
 
@@ -214,6 +230,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint in the run directory is intact (resume with --resume)", file=sys.stderr)
         return 130
+
+
+def lr_find_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``lr-find``: the same as ``convrecipes lr-find``."""
+    return main(["lr-find", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class OptimizerConfig:
     """Optimizer (built with timm's optimizer factory)."""
 
     name: str = "sgd"  # sgd, adamw, adam, adamax
-    lr: float = 0.1
+    lr: Union[float, str] = 0.1  # or "auto": `convrecipes train` takes the LR range test's suggestion
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -168,6 +168,7 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     """Validate a nested dict into a ``Recipe``."""
     recipe = _to_dataclass(Recipe, raw, "")
     _validate_loss(recipe.loss)
+    _validate_lr(recipe.optimizer)
     return recipe
 
 
@@ -235,7 +236,7 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " (or null)"
+        return " or ".join(_type_name(a) for a in args) + (" (or null)" if type(None) in typing.get_args(tp) else "")
     if origin in (list, tuple):
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -311,6 +312,16 @@ def _to_dataclass(cls: Any, raw: dict[str, Any], prefix: str) -> Any:
 def loss_terms(spec: Any) -> list[dict[str, Any]]:
     """The loss spec as a list of ``{name, weight, params}`` terms."""
     return list(spec) if isinstance(spec, list) else [spec]
+
+
+AUTO_LR = "auto"
+
+
+def _validate_lr(optimizer: OptimizerConfig) -> None:
+    """``optimizer.lr`` is a number or ``auto`` (resolved by an LR range test before building)."""
+    if isinstance(optimizer.lr, str) and optimizer.lr != AUTO_LR:
+        raise RecipeError(f"recipe key 'optimizer.lr' must be a number or {AUTO_LR!r} (run the LR range test and "
+                          f"train with its suggestion), got {optimizer.lr!r}")
 
 
 def _validate_loss(spec: Any) -> None:

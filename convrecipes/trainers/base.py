@@ -202,7 +202,8 @@ class Trainer:
             self.load_checkpoint(resume_from)
             self.print(f"resumed from {resume_from} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
                        f"optimizer step {self.global_step}")
-        else:
+        elif self.global_step == 0 and self.batch_in_epoch == 0 and self.epoch == 0:
+            # seed once, at the start of training: a later fit() call continues the same stream
             set_seed(self.seed, device_specific=True)
         if self.run_dir is not None and self.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,221 @@
+"""``lr-find RECIPE [key=value ...]`` (the same as ``convrecipes lr-find``) and the
+``optimizer.lr=auto`` resolution that ``convrecipes train`` runs before building a run.
+
+Both sweep the recipe's own trainer (``convrecipes.schedulers.lr_finder.find_lr``) on the
+recipe's training split, with the schedule replaced by a constant one (the sweep sets the
+LRs itself, and a cyclic schedule waiting for its bounds could not be built) and without
+checkpoints. Kept apart from ``cli.py``; nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from convrecipes.recipe import Recipe
+    from convrecipes.schedulers.lr_finder import LRFinderResult, RepeatedLRFinderResult
+
+# The rule `optimizer.lr=auto` trains with. fastai's default: in its authors' comparison it
+# was the most dependable of these rules, and it sits well below the minimum's ragged part.
+AUTO_LR_RULE = "valley"
+# The sweep sets every group's LR from its ratio to the first group's, so the value a
+# recipe's "auto" is replaced by while sweeping does not matter; it only has to be positive.
+_PLACEHOLDER_LR = 0.1
+
+
+def add_lr_find_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``lr-find`` arguments to ``parser``."""
+    parser.add_argument("recipe", help="recipe YAML path or name in recipes/ (e.g. quickstart)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=256 optimizer.name=adamw")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first LR of the sweep (default 1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="last LR of the sweep (default 10)")
+    parser.add_argument("--num-iters", type=int, default=100, help="optimizer steps of the sweep (default 100)")
+    parser.add_argument("--mode", choices=("exp", "linear"), default="exp",
+                        help="exp: equal LR ratios (fastai); linear: equal LR steps (Smith) (default exp)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="sweeps with seeds seed, seed+1, ...; reports the spread of each suggestion (default 1)")
+    parser.add_argument("--smooth-beta", type=float, default=0.98, help="EMA factor of the smoothed loss (default 0.98)")
+    parser.add_argument("--diverge-threshold", type=float, default=4.0,
+                        help="stop when the smoothed loss exceeds this times its best (default 4)")
+    parser.add_argument("--out", help="output directory (default: <output_dir>/lr-find-<recipe>-<timestamp>)")
+    return parser
+
+
+def finder_recipe(recipe: "Recipe", seed: Optional[int] = None) -> "Recipe":
+    """A copy of ``recipe`` to sweep: constant schedule without warmup, a placeholder for an
+    ``auto`` LR, and optionally another seed."""
+    from convrecipes.recipe import ScheduleConfig
+
+    r = copy.deepcopy(recipe)
+    if isinstance(r.optimizer.lr, str):
+        r.optimizer.lr = _PLACEHOLDER_LR
+    r.schedule = ScheduleConfig(name="constant")
+    if seed is not None:
+        r.seed = seed
+    return r
+
+
+def _shared_dir(default: str, explicit: Optional[str], accelerator: "Accelerator") -> Path:
+    """``explicit`` or ``default``, decided on the main process and shared with the others
+    (so a timestamp that ticks over between processes cannot split the output)."""
+    name = explicit or default
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [name]
+        broadcast_object_list(holder)
+        name = holder[0]
+    return Path(name)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}" if value >= 1e-2 else f"{value:.2e}"
+
+
+def format_report(result: "RepeatedLRFinderResult", recipe_name: str) -> str:
+    """The suggestions and their spread as a table (what ``lr-find`` prints)."""
+    from convrecipes.schedulers.lr_finder import LR_RULES, SUGGESTION_KEYS
+
+    first = result.runs[0]
+    s = first.settings
+    runs = len(result.runs)
+    lines = [
+        f"LR range test of {recipe_name}: {s['mode']} sweep {s['start_lr']:g} -> {s['end_lr']:g} in "
+        f"{s['num_iters']} steps, {runs} seed(s) {result.seeds}",
+        f"the LRs belong to a global batch of {result.global_batch_size} ({s['per_process_batch_size']} per process x "
+        f"{s['num_processes']} process(es) x {s['grad_accum_steps']} accumulation step(s)); stopped: "
+        + ", ".join(f"{r.stop_reason} at lr {_fmt(r.stop_lr)}" for r in result.runs),
+        "",
+        f"  {'rule':<12} {'lr' if runs == 1 else 'geo mean':>9}" + (f" {'min':>9} {'max':>9} {'max/min':>8}" if runs > 1 else ""),
+    ]
+    for key in SUGGESTION_KEYS:
+        sp = result.spread[key]
+        mark = " *" if key == AUTO_LR_RULE else ""
+        row = f"  {key:<12} {_fmt(result.suggestions[key]):>9}"
+        if runs > 1:
+            ratio = "-" if sp["ratio"] is None else f"{sp['ratio']:.2f}"
+            row += f" {_fmt(sp['min']):>9} {_fmt(sp['max']):>9} {ratio:>8}"
+            if 0 < sp["n"] < runs:
+                row += f"  ({sp['n']} of {runs} runs)"
+        lines.append(row + mark)
+    group = result.agreement["largest_group"]
+    lines.append("")
+    lines.append(f"rules agreeing within {result.agreement['factor']:g}x: "
+                 + (", ".join(group) if group else f"none of {', '.join(LR_RULES)}"))
+    lines.append(f"* used by optimizer.lr=auto; cyclic_base/cyclic_max: schedule.name=cyclic bounds "
+                 f"(max where the loss stops falling steeply, base = max / 4)")
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    return "\n".join(lines)
+
+
+def run_lr_find(args: argparse.Namespace) -> int:
+    """Run ``lr-find`` with parsed ``args``; writes lr_find.json and lr_find.png. Returns 0."""
+    from convrecipes.build import build, load_datasets, make_accelerator
+    from convrecipes.errors import RecipeError
+    from convrecipes.recipe import load_recipe
+    from convrecipes.schedulers.lr_finder import find_lr_repeated
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    accelerator = make_accelerator(recipe)
+    default = str(Path(recipe.output_dir) / f"lr-find-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = _shared_dir(default, args.out, accelerator)
+    datasets = load_datasets(recipe)  # once: the seeds vary the weights, data order and augmentation
+
+    def make(seed: int) -> tuple[Any, Any]:
+        accelerator.free_memory()  # drop the previous sweep's model and optimizer
+        exp = build(finder_recipe(recipe, seed), accelerator=accelerator, datasets=datasets)
+        return exp.trainer, exp.train_loader
+
+    if args.repeat < 1:
+        raise RecipeError(f"--repeat must be at least 1, got {args.repeat}; e.g. --repeat 3 to see the spread")
+    result = find_lr_repeated(
+        make, seeds=[recipe.seed + i for i in range(args.repeat)],
+        start_lr=args.start_lr, end_lr=args.end_lr, num_iters=args.num_iters, mode=args.mode,
+        smooth_beta=args.smooth_beta, diverge_threshold=args.diverge_threshold, progress=recipe.trainer.progress,
+    )
+    accelerator.free_memory()
+    if accelerator.is_main_process:
+        json_path = result.to_json(out / "lr_find.json", extra={"recipe": recipe.name, "overrides": list(args.overrides),
+                                                               "auto_lr_rule": AUTO_LR_RULE})
+        png_path = result.plot(out / "lr_find.png", title=f"{recipe.name}: LR range test, global batch "
+                                                          f"{result.global_batch_size}")
+        print(format_report(result, recipe.name))
+        print(f"wrote {json_path} and {png_path}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optional[Path] = None,
+                    **find_lr_kwargs: Any) -> Optional["LRFinderResult"]:
+    """Replace ``optimizer.lr: auto`` in ``recipe`` by the LR range test's suggestion.
+
+    Builds the recipe once to sweep it (seeded as training will be), takes the
+    ``AUTO_LR_RULE`` suggestion, and writes it into ``recipe.optimizer.lr`` (divided by the
+    batch scaling when ``scale_lr_with_batch`` is on, so the LR trained with is the one
+    found). A ``cyclic`` schedule without ``max_lr``/``base_lr`` takes the finder's
+    cyclical bounds. Then the caller builds the real run from the resolved recipe: training
+    is exactly what it would be with those numbers written in the recipe. ``run_dir``
+    receives lr_find.json (with the choice under ``"auto"``) and lr_find.png.
+
+    Returns:
+        The sweep's result, or None when the recipe's LR is already a number.
+
+    Raises:
+        ConvrecipesError: the sweep gives no suggestion for the rule (the message says why).
+    """
+    from convrecipes.build import build
+    from convrecipes.errors import ConvrecipesError
+    from convrecipes.schedulers.lr_finder import find_lr
+
+    o, s = recipe.optimizer, recipe.schedule
+    if not isinstance(o.lr, str):
+        return None
+    exp = build(finder_recipe(recipe), accelerator=accelerator)
+    trainer = exp.trainer
+    trainer.print(f"optimizer.lr=auto: running the LR range test on {recipe.name} first")
+    find_lr_kwargs.setdefault("progress", recipe.trainer.progress)
+    result = find_lr(trainer, exp.train_loader, seed=recipe.seed, **find_lr_kwargs)
+    batch = exp.train_loader.batch_size
+    del exp, trainer
+    accelerator.free_memory()  # the sweep's model and optimizer must not linger in the accelerator
+    chosen = result.suggestions.get(AUTO_LR_RULE)
+    record: dict[str, Any] = {"rule": AUTO_LR_RULE, "suggested_lr": chosen}
+    if chosen is not None:
+        lr = float(f"{chosen:.4g}")  # the rule is not precise to more digits; keeps recipe.yaml readable
+        o.lr = lr * o.reference_batch_size / batch if o.scale_lr_with_batch else lr
+        record.update({"lr": lr, "optimizer.lr": o.lr})
+        if s.name == "cyclic":
+            for key, name in (("max_lr", "cyclic_max"), ("base_lr", "cyclic_base")):
+                if key not in s.params and result.suggestions.get(name) is not None:
+                    s.params[key] = float(f"{result.suggestions[name]:.4g}")
+                    record[f"schedule.params.{key}"] = s.params[key]
+    if run_dir is not None and accelerator.is_main_process:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result.to_json(run_dir / "lr_find.json", extra={"recipe": recipe.name, "auto": record})
+        result.plot(run_dir / "lr_find.png", title=f"{recipe.name}: LR range test for optimizer.lr=auto")
+    accelerator.wait_for_everyone()
+    where = f" (see {Path(run_dir) / 'lr_find.png'})" if run_dir is not None else ""
+    if chosen is None:
+        why = "; ".join(result.warnings) or "the curve has no valley"
+        raise ConvrecipesError(f"optimizer.lr=auto: the LR range test gave no {AUTO_LR_RULE!r} suggestion ({why}){where}; "
+                               f"set optimizer.lr to a number instead")
+    if s.name == "cyclic" and ("max_lr" not in s.params or "base_lr" not in s.params):
+        raise ConvrecipesError(f"schedule 'cyclic' takes its bounds from the LR range test, but the test found none "
+                               f"({'; '.join(result.warnings) or 'no descent'}){where}; set schedule.params.max_lr "
+                               f"and base_lr")
+    if accelerator.is_main_process:
+        extra = "".join(f", {k} {v:g}" for k, v in record.items() if k.startswith("schedule."))
+        print(f"optimizer.lr=auto: {AUTO_LR_RULE} suggestion {lr:g} for a global batch of "
+              f"{result.global_batch_size}{extra}{where}")
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return result
