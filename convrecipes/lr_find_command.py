@@ -91,7 +91,9 @@ def format_report(result: "RepeatedLRFinderResult", recipe_name: str) -> str:
         f"{s['num_iters']} steps, {runs} seed(s) {result.seeds}",
         f"the LRs belong to a global batch of {result.global_batch_size} ({s['per_process_batch_size']} per process x "
         f"{s['num_processes']} process(es) x {s['grad_accum_steps']} accumulation step(s)); stopped: "
-        + ", ".join(f"{r.stop_reason} at lr {_fmt(r.stop_lr)}" for r in result.runs),
+        + ", ".join(f"{r.stop_reason} at lr {_fmt(r.stop_lr)}"
+                    + (f" (loss rising from lr {_fmt(r.divergence_lr)})" if r.divergence_lr else "")
+                    for r in result.runs),
         "",
         f"  {'rule':<12} {'lr' if runs == 1 else 'geo mean':>9}" + (f" {'min':>9} {'max':>9} {'max/min':>8}" if runs > 1 else ""),
     ]

@@ -1,6 +1,7 @@
 """Learning-rate schedules, stepped once per optimizer step (see ``schedules`` for the
 contract): ``build_scheduler(name, optimizer, total_steps, steps_per_epoch, ...)`` builds
-any name in ``SCHEDULES``; each formula is also a plain function."""
+any name in ``SCHEDULES``; each formula is also a plain function. ``find_lr`` is the LR
+range test."""
 
 from convrecipes.schedulers.schedules import (
     SCHEDULES,
@@ -22,6 +23,7 @@ from convrecipes.schedulers.schedules import (
 from convrecipes.schedulers.cyclical import CyclicSchedule, triangular_cyclic_lr
 from convrecipes.schedulers.one_cycle import OneCycleSchedule, one_cycle_lr, one_cycle_momentum
 from convrecipes.schedulers.plateau import ReduceOnPlateauSchedule, plateau_is_better
+from convrecipes.schedulers.lr_finder import LRFinderResult, RepeatedLRFinderResult, find_lr, find_lr_repeated
 
 __all__ = [
     "SCHEDULES",
@@ -46,4 +48,8 @@ __all__ = [
     "one_cycle_lr",
     "one_cycle_momentum",
     "plateau_is_better",
+    "find_lr",
+    "find_lr_repeated",
+    "LRFinderResult",
+    "RepeatedLRFinderResult",
 ]

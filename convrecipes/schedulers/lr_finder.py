@@ -152,6 +152,27 @@ def cyclic_max_index(losses: Sequence[float], fraction: float = CYCLIC_DESCENT_F
     return peak + int(np.argmax(loss[peak: low + 1] <= level))
 
 
+def divergence_index(losses: Sequence[float], window: int = 5) -> Optional[int]:
+    """Where a diverging sweep's loss began its final rise: the minimum of the raw loss
+    averaged over a centred ``window`` (zero lag, unlike the EMA; the average keeps one noisy
+    batch from deciding), over the finite losses. None for an empty curve.
+
+    The stop rule fires later than this, by construction: the EMA needs several steps of a
+    rising loss before it exceeds ``diverge_threshold`` times its best.
+    """
+    finite = []
+    for v in losses:
+        if not math.isfinite(v):
+            break
+        finite.append(float(v))
+    if not finite:
+        return None
+    x = np.asarray(finite, dtype=np.float64)
+    half = window // 2
+    averaged = [x[max(0, i - half): i + half + 1].mean() for i in range(len(x))]
+    return int(np.argmin(averaged))
+
+
 def agreeing_rules(values: dict[str, Optional[float]], factor: float = AGREEMENT_FACTOR) -> dict[str, Any]:
     """Which rules agree: every pair within ``factor`` of each other, and the largest group of
     rules that all lie within ``factor`` (ties: the group with the lowest LRs)."""
@@ -171,7 +192,7 @@ def spread_of(values: Sequence[float]) -> dict[str, Any]:
     if not vals:
         return {"n": 0, "values": [], "min": None, "max": None, "geomean": None, "ratio": None}
     lo, hi = min(vals), max(vals)
-    geo = math.exp(sum(math.log(v) for v in vals) / len(vals))
+    geo = min(max(math.exp(sum(math.log(v) for v in vals) / len(vals)), lo), hi)  # exp(log) rounding
     return {"n": len(vals), "values": vals, "min": lo, "max": hi, "geomean": geo, "ratio": hi / lo}
 
 
@@ -288,6 +309,15 @@ class LRFinderResult:
         """The LR of the last recorded step (where a diverging sweep stopped)."""
         return self.lrs[-1] if self.lrs else None
 
+    @property
+    def divergence_lr(self) -> Optional[float]:
+        """For a sweep that stopped on divergence: the LR from which the loss only rose
+        (see ``divergence_index``); None for a completed sweep."""
+        if not self.diverged:
+            return None
+        i = divergence_index(self.losses)
+        return None if i is None else self.lrs[i]
+
     def agreement(self) -> dict[str, Any]:
         """Which of the LR rules agree within 2x (see ``agreeing_rules``)."""
         return agreeing_rules({k: self.suggestions.get(k) for k in LR_RULES})
@@ -301,6 +331,7 @@ class LRFinderResult:
             "global_batch_size": self.global_batch_size,
             "stop_reason": self.stop_reason,
             "stop_lr": self.stop_lr,
+            "divergence_lr": self.divergence_lr,
             "settings": dict(self.settings),
             "points": dict(self.points),
             "elapsed_s": self.elapsed_s,
@@ -436,6 +467,9 @@ def _plot_runs(runs: Sequence[LRFinderResult], suggestions: dict[str, Optional[f
     ref_lrs = np.asarray(ref.lrs, dtype=np.float64)
     ref_sm = np.asarray(ref.smoothed, dtype=np.float64)
     good = np.isfinite(ref_sm) & (ref_lrs > 0)
+    if len(runs) == 1 and runs[0].divergence_lr:
+        ax.axvline(runs[0].divergence_lr, ls=":", color="tab:red", lw=1.2,
+                   label=f"loss rises from {runs[0].divergence_lr:.2e}")
     base, top_lr = suggestions.get("cyclic_base"), suggestions.get("cyclic_max")
     if base and top_lr:
         ax.axvspan(base, top_lr, color="tab:green", alpha=0.08, label=f"cyclic range {base:.2g}-{top_lr:.2g}")
@@ -673,7 +707,9 @@ def find_lr(
         raise RecipeError(f"diverge_threshold must be > 1, got {diverge_threshold}; 4-5 is usual")
     plan = sweep_lrs(start_lr, end_lr, num_iters, mode)
     accelerator = trainer.accelerator
-    loader = trainer._configure_loader(train_loader)
+    # as fit does (sharding, device placement); other iterables are taken as they are
+    prepare = _is_in_memory(train_loader) or isinstance(train_loader, torch.utils.data.DataLoader)
+    loader = trainer._configure_loader(train_loader) if prepare else train_loader
     if _is_in_memory(loader) and len(loader) == 0:
         raise DataError(f"the training loader yields no batches ({loader.num_samples} samples, global batch "
                         f"{loader.batch_size}, incomplete batches dropped), so there is nothing to sweep; add "
