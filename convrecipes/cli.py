@@ -221,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``convrecipes``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may come after options (`train quickstart --run-dir d lr=...`), which argparse
+    # cannot assign to a positional: collect the stray key=value arguments ourselves
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except ConvrecipesError as exc:

@@ -152,16 +152,42 @@ def resolve_recipe_path(name_or_path: Union[str, Path]) -> Path:
 
 
 def load_recipe(name_or_path: Union[str, Path], overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``key=value`` overrides and validate it."""
+    """Read a YAML recipe (following ``base:``), apply ``key=value`` overrides and validate it."""
     path = resolve_recipe_path(name_or_path)
+    raw = _read_raw(path, chain=())
+    raw["name"] = raw.get("name") or path.stem
+    return recipe_from_dict(apply_overrides(raw, overrides))
+
+
+def _read_raw(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe file as a dict; ``base: other`` merges this file's keys over ``other``'s."""
+    if path.resolve() in chain:
+        raise RecipeError(f"recipe {path} inherits from itself through 'base' ({' -> '.join(map(str, chain))})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of recipe keys, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
-    return recipe_from_dict(apply_overrides(raw, overrides))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = path.parent / f"{base}.yaml" if (path.parent / f"{base}.yaml").is_file() else resolve_recipe_path(base)
+    parent = _read_raw(base_path, chain + (path.resolve(),))
+    parent.pop("name", None)
+    parent.pop("description", None)
+    return _deep_merge(parent, raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; sections merge key by key, other values (lists, the loss) replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "loss":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
