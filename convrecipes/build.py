@@ -153,6 +153,7 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     set_seed(recipe.seed)  # identical initial weights on every process
     m = recipe.model
     needs_embeddings, head_factory = _loss_needs(recipe)
+    needs_embeddings = needs_embeddings or m.with_embeddings
     model = create_model(m.name, in_chans=channels, num_classes=num_classes, drop_rate=m.drop_rate,
                          drop_path_rate=m.drop_path_rate, pretrained=m.pretrained,
                          with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,

@@ -45,6 +45,7 @@ class ModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     embedding_dim: Optional[int] = None  # add a linear embedding layer of this width (e.g. 2 for plots)
+    with_embeddings: bool = False  # return ModelOutput(logits, embeddings) even if the loss does not need them
     channels_last: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
 

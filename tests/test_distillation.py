@@ -34,7 +34,6 @@ from convrecipes.trainers.distillation import (
     load_teacher,
     weights_sha256,
 )
-from tests.conftest import make_blobs_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,6 +3,7 @@ formulas, the suggestion rules on constructed curves, the CLI and optimizer.lr=a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -82,8 +83,6 @@ def _assert_same(a, b, where="state"):
 
 
 def _snapshot(trainer):
-    import copy
-
     return copy.deepcopy(trainer.state_dict())
 
 
@@ -168,6 +167,40 @@ def test_the_sweep_runs_the_trainers_own_step_and_keeps_group_ratios():
     assert all(s[1] == pytest.approx(5.0 * s[0], rel=1e-12) for s in trainer.seen_lrs)
     assert result.settings["param_group_ratios"] == pytest.approx([1.0, 5.0])
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]  # the warmup's step-0 LRs, restored
+
+
+def _distiller(ds):
+    from convrecipes.models import create_model
+    from convrecipes.trainers import DistillationTrainer
+
+    torch.manual_seed(3)
+    teacher = create_model("small_resnet8", 1, ds.num_classes, width=4)
+    torch.manual_seed(0)
+    student = create_model("tiny_cnn", 1, ds.num_classes, width=4, drop_rate=0.2)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    aug = build_augment("light", (8, 8), 1, [0.3], [0.3], ds.num_classes, hflip=True)
+    return DistillationTrainer(student, opt, nn.CrossEntropyLoss(), teacher=teacher, temperature=2.0, alpha=0.8,
+                               hint_layers=("blocks.1", "features.4"), input_shape=(1, 8, 8),
+                               scheduler=CosineSchedule(opt, total_steps=12, warmup_steps=2), augment=aug,
+                               ema_decay=0.9, progress=False, seed=7)
+
+
+def test_a_distillation_sweep_leaves_student_teacher_and_hint_head_as_they_were():
+    """The composite objective (KD + task + hint, with its own projection head in the
+    optimizer) is swept as trained, and training afterwards is bit-identical."""
+    ds = make_blobs_dataset(n=64)
+    plain = _distiller(ds)
+    plain.fit(InMemoryLoader(ds, 16, seed=0), epochs=2)
+    swept = _distiller(ds)
+    teacher_before = copy.deepcopy(swept.teacher.state_dict())
+    result = find_lr(swept, InMemoryLoader(ds, 16, seed=0), num_iters=10, end_lr=1.0)
+    assert len(result.lrs) >= 5 and len(result.settings["param_group_ratios"]) == len(swept.optimizer.param_groups)
+    _assert_same(teacher_before, swept.teacher.state_dict(), "teacher")
+    assert not swept.teacher.training
+    swept.fit(InMemoryLoader(ds, 16, seed=0), epochs=2)
+    _assert_same(plain.state_dict()["model"], swept.state_dict()["model"], "student")
+    _assert_same(plain.state_dict()["extra"], swept.state_dict()["extra"], "hint projection")
+    _assert_same(plain.state_dict()["optimizer"], swept.state_dict()["optimizer"], "optimizer")
 
 
 # -- (b) a problem with a known answer --------------------------------------------------------

@@ -27,6 +27,18 @@ How it differs from the usual finders:
   result records the global batch size (per-process batch x processes x accumulation)
   that the LR belongs to.
 
+Suggestions (``suggest``), read off the smoothed loss without its first 10% and last few
+points, as fastai does: ``steepest`` (most negative slope against log LR), ``valley``
+(fastai's default rule, the one ``optimizer.lr=auto`` trains with), ``min_div_10`` (the LR
+of the lowest loss / 10), and the cyclical bounds ``cyclic_max`` (where the loss has
+covered 80% of its descent: "where it stops descending steeply") and ``cyclic_base``
+(max / 4, Smith). The rules were made for exponential sweeps; on a linear sweep the
+skipped first 10% is a tenth of the whole LR range.
+
+Where the loss diverges: ``stop_lr`` is where the stop rule fired, which lags the real
+divergence (the EMA needs several rising steps to reach 4x its best); ``divergence_lr``
+reads the raw curve (a centred, zero-lag average) for where the final rise began.
+
 Conventions: point ``i`` pairs ``lrs[i]`` with the loss of the batch computed just before
 the update made with ``lrs[i]`` (as fastai and torch-lr-finder record it).
 """
@@ -419,11 +431,22 @@ class RepeatedLRFinderResult:
                           seeds=self.seeds, mode=first.settings.get("mode"))
 
 
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (a NaN loss, an infinite threshold) become null: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _write_json(path: Union[str, Path], data: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False))
     tmp.replace(path)
     return path
 
@@ -687,7 +710,8 @@ def find_lr(
             (only while the best is positive); a NaN/inf loss always stops.
         seed: None sweeps from where training stands (the trainer's epoch/batch and the
             current RNG); an int seeds the RNGs as ``fit`` does (per process) and, for an
-            ``InMemoryLoader``, the data order, starting at its epoch 0.
+            ``InMemoryLoader``, the data order, starting at its epoch 0 (a P x K batch
+            sampler keeps its own seed).
         progress: show a progress bar (main process); None follows ``trainer.progress``.
 
     Returns:

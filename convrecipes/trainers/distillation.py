@@ -126,30 +126,44 @@ def adapt_images(
         mean, std: the batch's per-channel normalisation (``[0, 1]`` pixel units).
         target_mean, target_std: the target network's.
     """
+    renorm = _renormalises(mean, std, target_mean, target_std)
     x = images
-    renorm = (mean is not None and std is not None and target_mean is not None and target_std is not None
-              and (list(mean) != list(target_mean) or list(std) != list(target_std)))
     if renorm:
         x = x * _channel_vector(std, x) + _channel_vector(mean, x)
-    channels = x.shape[1]
-    if in_chans is not None and in_chans != channels:
-        if channels == 1:
-            x = x.expand(-1, in_chans, -1, -1)
-        elif in_chans == 1:
-            x = x.mean(dim=1, keepdim=True)
-        else:
-            raise RecipeError(f"cannot adapt {channels}-channel images to a network that expects {in_chans} channels "
-                              f"(only 1 -> k by repetition and k -> 1 by averaging are defined); use a teacher "
-                              f"trained on {channels}-channel images")
-    if image_size is not None and tuple(image_size) != tuple(x.shape[-2:]):
-        h, w = image_size
-        if h <= x.shape[-2] and w <= x.shape[-1]:
-            x = F.interpolate(x, size=(h, w), mode="area")
-        else:
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    x = _resize(_convert_channels(x, in_chans), image_size)
     if renorm:
         x = (x - _channel_vector(target_mean, x)) / _channel_vector(target_std, x)
     return x
+
+
+def _renormalises(mean: Any, std: Any, target_mean: Any, target_std: Any) -> bool:
+    """Whether both normalisations are known and differ."""
+    if mean is None or std is None or target_mean is None or target_std is None:
+        return False
+    return [float(v) for v in mean] != [float(v) for v in target_mean] or \
+        [float(v) for v in std] != [float(v) for v in target_std]
+
+
+def _convert_channels(x: torch.Tensor, in_chans: Optional[int]) -> torch.Tensor:
+    channels = x.shape[1]
+    if in_chans is None or in_chans == channels:
+        return x
+    if channels == 1:
+        return x.expand(-1, in_chans, -1, -1)
+    if in_chans == 1:
+        return x.mean(dim=1, keepdim=True)
+    raise RecipeError(f"cannot adapt {channels}-channel images to a network that expects {in_chans} channels "
+                      f"(only 1 -> k by repetition and k -> 1 by averaging are defined); use a teacher "
+                      f"trained on {channels}-channel images")
+
+
+def _resize(x: torch.Tensor, image_size: Optional[tuple[int, int]]) -> torch.Tensor:
+    if image_size is None or tuple(image_size) == tuple(x.shape[-2:]):
+        return x
+    h, w = image_size
+    if h <= x.shape[-2] and w <= x.shape[-1]:
+        return F.interpolate(x, size=(h, w), mode="area")
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _channel_vector(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -304,8 +318,10 @@ def _teacher_from_timm(name: str, num_classes: Optional[int]) -> TeacherSpec:
 
     from convrecipes.models import count_parameters
 
-    cfg = get_pretrained_cfg(name.split(":")[-1]) if ":" not in name else None
-    predicted = getattr(cfg, "num_classes", None) if cfg is not None else None
+    try:  # the head size is known before any download for registry names
+        predicted = getattr(get_pretrained_cfg(name), "num_classes", None) if ":" not in name else None
+    except Exception:
+        predicted = None
     mismatch_fix = (f"fine-tune it on your data first (`convrecipes train <recipe> model.name={name} "
                     f"model.pretrained=true`) and pass that run directory as trainer.params.teacher")
     if num_classes is not None and predicted is not None and predicted != num_classes:
@@ -409,6 +425,18 @@ class FrozenTeacher(nn.Module):
         if self.teacher_mean is not None and self.student_mean is None:
             raise RecipeError("teacher_mean/teacher_std are given but the student's normalisation is unknown: the "
                               "augment has no mean/std; pass student_mean/student_std to DistillationTrainer")
+        self.renormalise = _renormalises(self.student_mean, self.student_std, self.teacher_mean, self.teacher_std)
+        if self.renormalise:
+            if len(self.student_mean) != len(self.student_std) or len(self.teacher_mean) != len(self.teacher_std):
+                raise RecipeError("a mean and its std need the same number of values (one per channel)")
+            if self.in_chans is not None and len(self.teacher_mean) not in (1, self.in_chans):
+                raise RecipeError(f"teacher_mean/teacher_std have {len(self.teacher_mean)} values for a teacher "
+                                  f"with {self.in_chans} input channels; give one value per channel")
+        # decided once; as (non-persistent) buffers the statistics follow .to(device)
+        for name in ("student_mean", "student_std", "teacher_mean", "teacher_std"):
+            values = getattr(self, name) if self.renormalise else [0.0]
+            self.register_buffer(f"_{name}", torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1),
+                                 persistent=False)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
@@ -417,8 +445,13 @@ class FrozenTeacher(nn.Module):
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         """The student's batch as the teacher expects it."""
-        return adapt_images(images, in_chans=self.in_chans, image_size=self.image_size, mean=self.student_mean,
-                            std=self.student_std, target_mean=self.teacher_mean, target_std=self.teacher_std)
+        x = images
+        if self.renormalise:
+            x = x * self._student_std.to(x.dtype) + self._student_mean.to(x.dtype)
+        x = _resize(_convert_channels(x, self.in_chans), self.image_size)
+        if self.renormalise:
+            x = (x - self._teacher_mean.to(x.dtype)) / self._teacher_std.to(x.dtype)
+        return x
 
     def forward(self, images: torch.Tensor) -> Any:
         if self.module.training:  # someone called .train() on the inner module directly
@@ -563,8 +596,9 @@ class DistillationTrainer(Trainer):
             self._hook(self.teacher.module, t_name, "teacher", "teacher")
             self._hook(self.unwrapped_model, s_name, "student", "student")
             if input_shape is None:
-                raise RecipeError("hint_layers needs input_shape=(C, H, W) of the training batches to size the hint "
-                                  "projection; build() sets it from the data, in code pass input_shape=images.shape[1:]")
+                raise RecipeError("hint_layers needs input_shape=(C, H, W) of the training batches to size the "
+                                  "hint projection; build() sets it from the data, in code pass "
+                                  "input_shape=images.shape[1:]")
         if input_shape is not None:
             self._probe(tuple(int(v) for v in input_shape))
 
@@ -601,8 +635,8 @@ class DistillationTrainer(Trainer):
             student.train(was_training)
             self._capturing = False
         if s_logits.shape[-1] != t_logits.shape[-1]:
-            raise RecipeError(f"the teacher predicts {t_logits.shape[-1]} classes but the student {s_logits.shape[-1]}; "
-                              f"distil from a teacher trained on the same classes")
+            raise RecipeError(f"the teacher predicts {t_logits.shape[-1]} classes but the student "
+                              f"{s_logits.shape[-1]}; distil from a teacher trained on the same classes")
         if self.hint_layers is None:
             return
         s_feat, t_feat = self._features.pop("student"), self._features.pop("teacher")
@@ -697,5 +731,6 @@ class DistillationTrainer(Trainer):
                                "the checkpoint's hint projection")
         saved = (state.get("teacher") or {}).get("weights_sha256")
         if saved is not None and saved != self.teacher_identity.get("weights_sha256"):
+            old = state["teacher"]
             self.print(f"warning: resuming with another teacher than the checkpoint's "
-                       f"({state['teacher'].get('path') or state['teacher'].get('name') or state['teacher'].get('class')})")
+                       f"({old.get('path') or old.get('name') or old.get('class')})")

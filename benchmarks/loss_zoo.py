@@ -1,0 +1,79 @@
+"""The loss zoo on Fashion-MNIST: same model (tiny_cnn, 72K parameters) and budget for each loss.
+
+Trains each `recipes/loss_*.yaml` with `convrecipes train`, evaluates the final weights with
+`convrecipes evaluate --json` (test accuracy, Recall@1 of test embeddings, within/between
+spread ratio, largest within-class angle / smallest between-class angle), prints one table
+and writes JSON. Optionally draws the 2-D feature plots of the center-loss and SphereFace papers.
+
+    python benchmarks/loss_zoo.py                       # all losses, about 15 minutes on 2 CPU cores
+    python benchmarks/loss_zoo.py --recipes loss_ce loss_hinge --overrides trainer.epochs=2
+    python benchmarks/loss_zoo.py --recipes loss_center_2d loss_asoftmax_2d --plots benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT = ["loss_ce", "loss_label_smoothing", "loss_hinge", "loss_center", "loss_asoftmax", "loss_ce_triplet",
+           "loss_triplet_batch_hard", "loss_triplet_batch_all"]
+CLI = [sys.executable, "-m", "convrecipes.cli"]
+
+
+def run_one(recipe: str, overrides: list[str], work: Path, plot_dir: Path | None) -> dict:
+    run_dir = work / recipe
+    t0 = time.perf_counter()
+    train = subprocess.run(CLI + ["train", recipe, "trainer.progress=false", *overrides, "--run-dir", str(run_dir)],
+                           capture_output=True, text=True)
+    if train.returncode != 0:
+        raise RuntimeError(f"{recipe} failed:\n{train.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    cmd = CLI + ["evaluate", str(run_dir), "--weights", "last", "--json"]
+    if plot_dir is not None:
+        cmd += ["--plot", str(plot_dir / f"{recipe}_features.png")]
+    ev = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    diverged = any(not (h["train_loss"] == h["train_loss"]) or h["train_loss"] > 1e3 for h in history)
+    return {"recipe": recipe, "wall_s": round(wall, 1), "train_loss_by_epoch": [h["train_loss"] for h in history],
+            "diverged": diverged, **{k: v for k, v in metrics.items() if k != "checkpoint"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT)
+    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--plots", help="folder for 2-D feature plots (recipes with model.embedding_dim=2)")
+    parser.add_argument("--out", default="benchmarks/results/loss_zoo.json")
+    args = parser.parse_args()
+    plot_dir = Path(args.plots) if args.plots else None
+    if plot_dir:
+        plot_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            row = run_one(recipe, args.overrides, Path(tmp), plot_dir)
+            rows.append(row)
+            print(f"{recipe}: top-1 {row['test_top1']:.2f}%  ({row['wall_s']:.0f} s)", flush=True)
+    print(f"\n{'recipe':<26} {'top-1 %':>8} {'R@1 %':>7} {'spread':>7} {'angle ratio':>11} {'max within°':>11} "
+          f"{'min between°':>12}")
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if key in r else "-"
+        print(f"{r['recipe']:<26} {f('test_top1', '8.2f')} {f('test_recall_at_1', '7.2f')} "
+              f"{f('test_spread_ratio', '7.3f')} {f('test_angle_ratio', '11.3f')} {f('test_angle_max_within_deg', '11.1f')} "
+              f"{f('test_angle_min_between_deg', '12.1f')}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"overrides": args.overrides, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
