@@ -123,7 +123,8 @@ class Trainer:
         self.should_stop = False
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Optional[Path] = None
-        self._epoch_sums: dict[str, float] = {}
+        # running sums of the logged values over the epoch (device tensors: no host sync per step)
+        self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_samples = 0
 
     # -- small conveniences -------------------------------------------------------
@@ -264,7 +265,7 @@ class Trainer:
             samples_this_call += n
             group_samples += n
             for key, value in {"train_loss": out.loss, **out.logs}.items():
-                value = value.detach().float() * n
+                value = value.detach().double() * n
                 sums[key] = sums[key] + value if key in sums else value
             if boundary:
                 self._optimizer_step()
@@ -272,19 +273,19 @@ class Trainer:
                 # fold the running sums into the resumable per-epoch totals only at step
                 # boundaries, so a checkpoint taken here carries exactly what was trained
                 for key, value in sums.items():
-                    self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + float(value)
+                    self._epoch_sums[key] = self._epoch_sums[key] + value if key in self._epoch_sums else value
                 self._epoch_samples += group_samples
                 sums, group_samples = {}, 0
                 for cb in self.callbacks:
                     cb.on_step_end(self, self.global_step)
                 if bar.n % 10 == 0 or b + 1 == n_batches:
-                    bar.set_postfix(loss=f"{self._epoch_sums['train_loss'] / max(self._epoch_samples, 1):.4f}",
+                    bar.set_postfix(loss=f"{float(self._epoch_sums['train_loss']) / max(self._epoch_samples, 1):.4f}",
                                     lr=f"{self.current_lr():.3g}", refresh=False)
             bar.update(1)
         bar.close()
         elapsed = time.perf_counter() - t0
-        totals = torch.tensor([self._epoch_samples, *self._epoch_sums.values()], dtype=torch.float64,
-                              device=self.device)
+        totals = torch.stack([torch.tensor(float(self._epoch_samples), dtype=torch.float64, device=self.device),
+                              *(v.to(torch.float64) for v in self._epoch_sums.values())])
         totals = self.accelerator.reduce(totals, "sum") if self.accelerator.num_processes > 1 else totals
         count = max(float(totals[0]), 1.0)
         metrics = {key: float(v) / count for key, v in zip(self._epoch_sums, totals[1:])}
@@ -438,7 +439,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
                 "global_step": self.global_step,
-                "epoch_sums": dict(self._epoch_sums),
+                "epoch_sums": {k: v.detach().cpu() for k, v in self._epoch_sums.items()},
                 "epoch_samples": self._epoch_samples,
                 "num_processes": self.accelerator.num_processes,
             },
@@ -510,7 +511,7 @@ class Trainer:
         self.epoch = progress["epoch"]
         self.batch_in_epoch = progress["batch_in_epoch"]
         self.global_step = progress["global_step"]
-        self._epoch_sums = dict(progress["epoch_sums"])
+        self._epoch_sums = {k: torch.as_tensor(v).to(self.device) for k, v in progress["epoch_sums"].items()}
         self._epoch_samples = progress["epoch_samples"]
         for i, cb in enumerate(self.callbacks):
             key = f"{i}:{type(cb).__name__}"
