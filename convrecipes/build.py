@@ -173,9 +173,14 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     t = recipe.trainer
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
     s = recipe.schedule
+    warmup_steps = round(s.warmup_epochs * steps_per_epoch)
+    if warmup_steps and warmup_steps >= steps_per_epoch * t.epochs:
+        raise RecipeError(f"schedule.warmup_epochs={s.warmup_epochs} leaves no training after the warmup in "
+                          f"trainer.epochs={t.epochs}; lower schedule.warmup_epochs (e.g. schedule.warmup_epochs=0) "
+                          f"or raise trainer.epochs")
     scheduler = build_scheduler(s.name, optimizer, total_steps=steps_per_epoch * t.epochs,
                                 steps_per_epoch=steps_per_epoch,
-                                warmup_steps=round(s.warmup_epochs * steps_per_epoch),
+                                warmup_steps=warmup_steps,
                                 warmup_start_factor=s.warmup_start_factor, **s.params)
 
     # augmentation
