@@ -230,6 +230,9 @@ def build_for_evaluation(recipe: Recipe, accelerator: Optional[Accelerator] = No
     accelerator = accelerator or make_accelerator(recipe)
     datasets = load_datasets(recipe, splits=("test",))
     recipe.data.val_fraction = 0.0
+    # evaluating a model needs no training algorithm (a distillation run's teacher may be gone)
+    recipe.trainer.name, recipe.trainer.params = "supervised", {}
+    recipe.trainer.ema_decay = None
     return build(recipe, accelerator=accelerator, datasets=datasets)
 
 

@@ -11,6 +11,6 @@ TRAINERS.register("supervised")(SupervisedTrainer)
 TRAINERS.register("distillation")(DistillationTrainer)
 
 __all__ = [
-    "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer",
+    "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer", "DistillationTrainer",
     "Callback", "EarlyStopping", "ModelCheckpoint",
 ]

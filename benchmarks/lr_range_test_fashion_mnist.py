@@ -1,0 +1,111 @@
+"""Does the LR range test's suggestion hold up on Fashion-MNIST?
+
+1. `lr-find` on the recipe with 3 seeds: the spread of every rule's suggestion.
+2. Train with each rule's suggestion and with a 5-point grid (x1/4 .. x4) around the
+   `optimizer.lr=auto` rule's suggestion, same budget: is the suggestion within 0.5 points of
+   the grid's best?
+3. Cyclical LR (triangular2) with the range test's bounds against a fixed LR at the
+   suggestion: how many iterations until CLR reaches the fixed-LR run's final accuracy?
+
+    python benchmarks/lr_range_test_fashion_mnist.py                 # about 20 min on 2 CPU cores
+    python benchmarks/lr_range_test_fashion_mnist.py --epochs 2      # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "convrecipes.cli"]
+
+
+def train(recipe: str, overrides: list[str], run_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    result = subprocess.run(CLI + ["train", recipe, "trainer.progress=false", *overrides, "--run-dir", str(run_dir)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    res = json.loads((run_dir / "results.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"test_top1": res["test_final"]["test_top1"], "val_top1_by_epoch": [h["val_top1"] for h in history],
+            "steps_per_epoch": None, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="fashion_mnist")
+    parser.add_argument("--model", nargs="*", default=["model.name=tiny_cnn", "model.kwargs.width=16"],
+                        help="overrides choosing the model (default: the 72K tiny_cnn, to fit a CPU budget)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/lr_range_test_fashion_mnist.json")
+    args = parser.parse_args()
+    base = [*args.model, f"trainer.epochs={args.epochs}", "loss.name=cross_entropy", "loss.params={}"]
+    report: dict = {"recipe": args.recipe, "overrides": base}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # 1. the sweep, several seeds
+        t0 = time.perf_counter()
+        subprocess.run(CLI + ["lr-find", args.recipe, *base, "--repeat", str(args.seeds), "--out", str(tmp / "lrf")],
+                       check=True, capture_output=True, text=True)
+        finder = json.loads((tmp / "lrf" / "lr_find.json").read_text())
+        report["finder"] = {k: finder[k] for k in ("suggestions", "spread", "agreement", "warnings", "auto_lr_rule",
+                                                   "global_batch_size")}
+        report["finder"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        s = finder["suggestions"]
+        auto = s[finder["auto_lr_rule"]]
+        print(f"suggestions (geometric mean over {args.seeds} seeds): "
+              + ", ".join(f"{k} {v:.3g} (x{finder['spread'][k]['ratio']:.2f})" for k, v in s.items()), flush=True)
+
+        # 2. grid around the auto suggestion, and each rule's own suggestion, same budget
+        runs = {}
+        for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
+            lr = auto * factor
+            runs[f"grid x{factor:g}"] = {"lr": lr, **train(args.recipe, base + [f"optimizer.lr={lr}"], tmp / f"g{factor}")}
+            print(f"grid x{factor:<5g} lr {lr:<10.4g} test top-1 {runs[f'grid x{factor:g}']['test_top1']:.2f}", flush=True)
+        for rule in ("steepest", "min_div_10"):
+            runs[f"rule {rule}"] = {"lr": s[rule], **train(args.recipe, base + [f"optimizer.lr={s[rule]}"], tmp / rule)}
+            print(f"rule {rule:<11} lr {s[rule]:<10.4g} test top-1 {runs[f'rule {rule}']['test_top1']:.2f}", flush=True)
+        grid = {k: v for k, v in runs.items() if k.startswith("grid")}
+        best = max(grid.values(), key=lambda r: r["test_top1"])
+        report["runs"] = runs
+        report["grid_best_top1"] = best["test_top1"]
+        report["suggestion_top1"] = runs["grid x1"]["test_top1"]
+        report["suggestion_gap_points"] = best["test_top1"] - runs["grid x1"]["test_top1"]
+
+        # 3. CLR with the range-test bounds vs a fixed LR at the suggestion
+        fixed = train(args.recipe, base + [f"optimizer.lr={auto}", "schedule.name=constant",
+                                           "schedule.warmup_epochs=0"], tmp / "fixed")
+        half_cycle = max(1, args.epochs // 2)  # two half-cycles: end at the end of a cycle
+        clr = train(args.recipe, base + ["schedule.name=cyclic", "schedule.warmup_epochs=0",
+                                         f"schedule.params={{base_lr: {s['cyclic_base']}, max_lr: {s['cyclic_max']}, "
+                                         f"step_size_epochs: {half_cycle / 2}, mode: triangular2}}",
+                                         f"optimizer.lr={s['cyclic_base']}"], tmp / "clr")
+        target = fixed["val_top1_by_epoch"][-1] - 0.3
+        reached = next((i + 1 for i, a in enumerate(clr["val_top1_by_epoch"]) if a >= target), None)
+        report["clr"] = {"fixed": fixed, "clr": clr, "target_val_top1": target, "clr_epochs_to_target": reached,
+                         "fixed_epochs": args.epochs,
+                         "iteration_ratio": (args.epochs / reached) if reached else None}
+
+    print(f"\n{'run':<18} {'lr':>10} {'test top-1':>10}")
+    for name, r in runs.items():
+        print(f"{name:<18} {r['lr']:>10.4g} {r['test_top1']:>10.2f}")
+    print(f"suggestion ({report['finder']['auto_lr_rule']}) vs grid best: {report['suggestion_gap_points']:.2f} points "
+          f"(target <= 0.5)")
+    c = report["clr"]
+    print(f"fixed LR {auto:.3g}: final val top-1 {c['fixed']['val_top1_by_epoch'][-1]:.2f}, test {c['fixed']['test_top1']:.2f}")
+    print(f"cyclic [{s['cyclic_base']:.3g}, {s['cyclic_max']:.3g}]: val top-1 by epoch {c['clr']['val_top1_by_epoch']}, "
+          f"test {c['clr']['test_top1']:.2f}; reached the fixed-LR accuracy - 0.3 at epoch {c['clr_epochs_to_target']} "
+          f"of {args.epochs} (iteration ratio {c['iteration_ratio']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
