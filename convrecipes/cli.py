@@ -122,8 +122,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     from convrecipes.build import build_for_evaluation
     from convrecipes.checkpoint import load_checkpoint, load_model_weights
     from convrecipes.recipe import recipe_from_dict
@@ -144,7 +142,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     load_model_weights(trainer.unwrapped_model, weights, ckpt)
     trainer.loss_fn.load_state_dict(state["loss"])
     metrics: dict[str, Any] = trainer.evaluate(exp.test_loader, prefix="test_")
-    logits, targets, embeddings = trainer.predict(exp.test_loader)
+    from convrecipes.models import Classifier
+
+    # a second pass over the test set only for models that expose embeddings
+    embeddings = None
+    if isinstance(trainer.unwrapped_model, Classifier):
+        _, targets, embeddings = trainer.predict(exp.test_loader)
     if embeddings is not None:
         from convrecipes.embedding_metrics import angular_spread, recall_at_1, spread_ratio
 
@@ -158,7 +161,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
             plot_embeddings_2d(embeddings, targets, args.plot, class_names=meta.get("classes"))
             print(f"wrote {args.plot}")
-    del logits, torch
     if trainer.is_main_process:
         if args.json:
             print(json.dumps({"checkpoint": str(ckpt), **metrics}))

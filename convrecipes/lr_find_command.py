@@ -111,8 +111,8 @@ def format_report(result: "RepeatedLRFinderResult", recipe_name: str) -> str:
     lines.append("")
     lines.append(f"rules agreeing within {result.agreement['factor']:g}x: "
                  + (", ".join(group) if group else f"none of {', '.join(LR_RULES)}"))
-    lines.append(f"* used by optimizer.lr=auto; cyclic_base/cyclic_max: schedule.name=cyclic bounds "
-                 f"(max where the loss stops falling steeply, base = max / 4)")
+    lines.append("* used by optimizer.lr=auto; cyclic_base/cyclic_max: schedule.name=cyclic bounds "
+                 "(max where the loss stops falling steeply, base = max / 4)")
     lines.extend(f"warning: {w}" for w in result.warnings)
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ weight decay: decaying BatchNorm scales and biases only fights the normalisation
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 
 if TYPE_CHECKING:
     from convrecipes.trainers.base import Trainer
