@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from convrecipes.recipe import Recipe
     from convrecipes.schedulers.lr_finder import LRFinderResult, RepeatedLRFinderResult
 
-# The rule `optimizer.lr=auto` trains with. fastai's default: in its authors' comparison it
-# was the most dependable of these rules, and it sits well below the minimum's ragged part.
-AUTO_LR_RULE = "valley"
+# The rule `optimizer.lr=auto` trains with: the geometric mean of steepest, valley and
+# min/10. fastai's default, valley, was 0.86 points below the best of a 5-point grid on the
+# Fashion-MNIST benchmark (it sat 4-8x below the best LR); steepest was best there but moved
+# 3x between seeds. Their mean in log space moved 1.75x between the same seeds.
+# benchmarks/lr_range_test_fashion_mnist.py and benchmarks/lr_rules_digits.py measure it.
+AUTO_LR_RULE = "consensus"
 # The sweep sets every group's LR from its ratio to the first group's, so the value a
 # recipe's "auto" is replaced by while sweeping does not matter; it only has to be positive.
 _PLACEHOLDER_LR = 0.1

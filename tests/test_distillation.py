@@ -30,6 +30,7 @@ from convrecipes.trainers import TRAINERS, ModelCheckpoint
 from convrecipes.trainers.distillation import (
     DistillationTrainer,
     FrozenTeacher,
+    TeacherEnsemble,
     distillation_kl,
     load_teacher,
     weights_sha256,
@@ -351,6 +352,43 @@ def test_checkpoint_records_the_teacher_identity(blobs, tmp_path):
     meta = read_metadata(module_trainer.save_checkpoint(tmp_path / "student2.safetensors"))
     assert meta["teacher"]["class"].endswith("SmallResNet")
     assert meta["teacher"]["weights_sha256"] == weights_sha256(teacher)
+
+
+def test_teacher_ensemble_distils_from_the_mean_of_the_members_logits(blobs, tmp_path):
+    """A list of teachers is one teacher whose logits are the members' mean: the KD term
+    equals the textbook formula on hand-averaged logits, each member keeps its own input
+    normalisation, and the checkpoint records every member."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    teacher_a, _ = _write_teacher_checkpoint(run_a / "best.safetensors")  # trained on mean 0.25 / std 0.35
+    module_b = _tiny_teacher(1, seed=7)  # an nn.Module: sees the student's batch as is
+    torch.manual_seed(0)
+    student = create_model("tiny_cnn", 1, 4, width=4)
+    aug = build_augment("none", (8, 8), 1, [0.3], [0.3], 4)
+    trainer = _kd_trainer(student, [str(run_a), module_b], input_shape=(1, 8, 8), augment=aug, temperature=2.0)
+    assert isinstance(trainer.teacher, TeacherEnsemble) and len(trainer.teacher.members) == 2
+
+    images = torch.randn(5, 1, 8, 8)
+    teacher_a.eval(), module_b.eval()
+    with torch.no_grad():
+        expected = (teacher_a((images * 0.3 + 0.3 - 0.25) / 0.35) + module_b(images)) / 2
+        torch.testing.assert_close(trainer.teacher(images), expected, rtol=1e-5, atol=1e-5)
+        s_logits = student(images)
+    kd = distillation_kl(s_logits, trainer.teacher(images), 2.0)
+    assert kd.item() == pytest.approx(_textbook_kd(s_logits, expected, 2.0), rel=1e-4)
+
+    trainer.fit(InMemoryLoader(blobs, 32, seed=0), epochs=1)
+    meta = read_metadata(trainer.save_checkpoint(tmp_path / "student.safetensors"))
+    assert meta["teacher"]["kind"] == "ensemble"
+    kinds = [m["kind"] for m in meta["teacher"]["members"]]
+    assert kinds == ["checkpoint", "module"]
+    assert meta["teacher"]["members"][1]["weights_sha256"] == weights_sha256(module_b)
+    for p in list(teacher_a.parameters()) + list(module_b.parameters()):
+        assert p.grad is None
+    with pytest.raises(RecipeError, match="single teacher"):
+        _kd_trainer(create_model("tiny_cnn", 1, 4, width=4), [module_b, module_b],
+                    hint_layers=("blocks.1", "features.4"), input_shape=(1, 8, 8))
+    with pytest.raises(RecipeError, match="empty"):
+        _kd_trainer(create_model("tiny_cnn", 1, 4, width=4), [])
 
 
 def test_recipe_builds_a_distillation_run_from_a_teacher_run_dir(tmp_path):

@@ -296,6 +296,9 @@ def test_suggestions_land_where_the_constructed_curve_puts_them():
     assert log["cyclic_max"] == pytest.approx(-1.56, abs=step)
     assert sugg["cyclic_base"] == pytest.approx(sugg["cyclic_max"] / 4)
     assert points["min_div_10"] == int(np.argmin(curve))
+    # consensus: the geometric mean of the three rules, written out
+    expected = (sugg["steepest"] * sugg["valley"] * sugg["min_div_10"]) ** (1 / 3)
+    assert sugg["consensus"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_rules_on_small_hand_made_curves():
@@ -383,9 +386,10 @@ def test_lr_find_command_writes_json_and_png(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "lr_find.json").read_text())
     assert data["global_batch_size"] == 64 and data["recipe"] == "quickstart"
-    assert set(data["suggestions"]) == {"steepest", "valley", "min_div_10", "cyclic_base", "cyclic_max"}
+    assert set(data["suggestions"]) == {"steepest", "valley", "min_div_10", "consensus", "cyclic_base",
+                                      "cyclic_max"}
     assert (out / "lr_find.png").stat().st_size > 1000
-    assert "valley" in result.stdout and "global batch of 64" in result.stdout
+    assert "consensus" in result.stdout and "global batch of 64" in result.stdout
 
 
 def test_lr_find_user_errors_exit_2(tmp_path, capsys):
@@ -401,7 +405,7 @@ def test_lr_find_user_errors_exit_2(tmp_path, capsys):
 
 
 # -- (g) optimizer.lr=auto ------------------------------------------------------------------------
-def test_optimizer_lr_auto_trains_with_the_valley_suggestion(tmp_path, capsys):
+def test_optimizer_lr_auto_trains_with_the_consensus_suggestion(tmp_path, capsys):
     from convrecipes.cli import main
 
     run_dir = tmp_path / "auto"
@@ -410,10 +414,13 @@ def test_optimizer_lr_auto_trains_with_the_valley_suggestion(tmp_path, capsys):
     stdout = capsys.readouterr().out
     found = json.loads((run_dir / "lr_find.json").read_text())
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert found["auto"]["rule"] == "valley"
-    assert recipe["optimizer"]["lr"] == found["auto"]["lr"] == pytest.approx(found["suggestions"]["valley"], rel=1e-3)
+    assert found["auto"]["rule"] == "consensus"
+    rules = [found["suggestions"][k] for k in ("steepest", "valley", "min_div_10")]
+    assert found["suggestions"]["consensus"] == pytest.approx(math.prod(rules) ** (1 / 3), rel=1e-9)
+    assert recipe["optimizer"]["lr"] == found["auto"]["lr"] == pytest.approx(found["suggestions"]["consensus"],
+                                                                              rel=1e-3)
     assert (run_dir / "lr_find.png").is_file() and (run_dir / "results.json").is_file()
-    assert "optimizer.lr=auto: valley suggestion" in stdout
+    assert "optimizer.lr=auto: consensus suggestion" in stdout
 
 
 def test_auto_lr_with_a_cyclic_schedule_equals_training_with_the_numbers(tmp_path):

@@ -29,8 +29,8 @@ How it differs from the usual finders:
 
 Suggestions (``suggest``), read off the smoothed loss without its first 10% and last few
 points, as fastai does: ``steepest`` (most negative slope against log LR), ``valley``
-(fastai's default rule, the one ``optimizer.lr=auto`` trains with), ``min_div_10`` (the LR
-of the lowest loss / 10), and the cyclical bounds ``cyclic_max`` (where the loss has
+(fastai's default rule), ``min_div_10`` (the LR of the lowest loss / 10), ``consensus``
+(the geometric mean of those three; the one ``optimizer.lr=auto`` trains with), and the cyclical bounds ``cyclic_max`` (where the loss has
 covered 80% of its descent: "where it stops descending steeply") and ``cyclic_base``
 (max / 4, Smith). The rules were made for exponential sweeps; on a linear sweep the
 skipped first 10% is a tenth of the whole LR range.
@@ -66,8 +66,12 @@ if TYPE_CHECKING:
 SWEEP_MODES = ("exp", "linear")
 # The rules that each suggest an LR to train with (the cyclical bounds are reported apart).
 LR_RULES = ("steepest", "valley", "min_div_10")
+# The geometric mean of the rules' LRs: each rule errs in its own direction on a given
+# curve (valley low, steepest high and jumpy from seed to seed), and their mean in log
+# space moves less from seed to seed than any one of them. `optimizer.lr=auto` uses it.
+CONSENSUS_KEY = "consensus"
 CYCLIC_KEYS = ("cyclic_base", "cyclic_max")
-SUGGESTION_KEYS = LR_RULES + CYCLIC_KEYS
+SUGGESTION_KEYS = LR_RULES + (CONSENSUS_KEY,) + CYCLIC_KEYS
 # Smith 2017: "set base_lr to 1/3 or 1/4 of max_lr".
 CYCLIC_BASE_DIVISOR = 4.0
 # cyclic_max is where the smoothed loss has covered this fraction of its descent from the
@@ -218,7 +222,8 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], num_iters: int, sto
 
     Returns:
         ``({rule: lr or None}, {rule: index into lrs}, warnings)`` for the rules
-        ``steepest``, ``valley``, ``min_div_10`` (the LR of the lowest loss / 10) and the
+        ``steepest``, ``valley``, ``min_div_10`` (the LR of the lowest loss / 10), their
+        geometric mean ``consensus`` and the
         cyclical bounds ``cyclic_max`` (see ``cyclic_max_index``) and ``cyclic_base``
         (``cyclic_max / 4``, Smith). A curve that never descends gives no suggestions.
     """
@@ -269,7 +274,16 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float], num_iters: int, sto
         suggestions[key] = float(win_lrs[idx]) / (10.0 if key == "min_div_10" else 1.0)
     if suggestions["cyclic_max"] is not None:
         suggestions["cyclic_base"] = suggestions["cyclic_max"] / CYCLIC_BASE_DIVISOR
+    suggestions[CONSENSUS_KEY] = consensus_lr([suggestions[k] for k in LR_RULES])
     return suggestions, points, warnings
+
+
+def consensus_lr(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The geometric mean of the rules' LRs that exist (None when none does)."""
+    known = [float(v) for v in values if v is not None and v > 0]
+    if not known:
+        return None
+    return math.exp(sum(math.log(v) for v in known) / len(known))
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,7 +302,7 @@ class LRFinderResult:
         lrs: the first param group's LR at each recorded step.
         losses: the raw loss of each step (mean over processes).
         smoothed: the debiased EMA of ``losses``.
-        suggestions: ``steepest``, ``valley``, ``min_div_10``, ``cyclic_base``,
+        suggestions: ``steepest``, ``valley``, ``min_div_10``, ``consensus``, ``cyclic_base``,
             ``cyclic_max`` -> LR (None where the curve gives none).
         warnings: what makes the suggestions untrustworthy (never descends, diverges at once).
         global_batch_size: per-process batch x processes x accumulation steps: the batch
@@ -452,6 +466,7 @@ def _write_json(path: Union[str, Path], data: dict[str, Any]) -> Path:
 
 
 _MARKERS = {"steepest": ("v", "steepest"), "valley": ("o", "valley"), "min_div_10": ("s", "min / 10"),
+            "consensus": ("*", "consensus"),
             "cyclic_max": ("^", "cyclic max"), "cyclic_base": ("<", "cyclic base")}
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "DistillationTrainer",
     "FrozenTeacher",
     "HintProjection",
+    "TeacherEnsemble",
     "TeacherSpec",
     "adapt_images",
     "distillation_kl",
@@ -377,6 +378,18 @@ def load_teacher(spec: str, num_classes: Optional[int] = None) -> TeacherSpec:
                       f"model name; pass the run directory of a trained teacher (trainer.params.teacher=runs/<run>)")
 
 
+def _as_teacher_spec(teacher: Any) -> TeacherSpec:
+    """One teacher, given as a path/name string, a ``TeacherSpec`` or an ``nn.Module``."""
+    if isinstance(teacher, str):
+        return load_teacher(teacher)
+    if isinstance(teacher, TeacherSpec):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return TeacherSpec(teacher, _module_identity(teacher))
+    raise RecipeError(f"teacher must be an nn.Module, a run directory / checkpoint path or a timm model name (or a "
+                      f"list of these for an ensemble), got {type(teacher).__name__}")
+
+
 def _module_identity(module: nn.Module) -> dict[str, Any]:
     from convrecipes.models import count_parameters
 
@@ -460,6 +473,35 @@ class FrozenTeacher(nn.Module):
             return self.module(self.adapt(images))
 
 
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers acting as one: the mean of their logits.
+
+    Hinton et al. distilled an ensemble into one net; an ensemble of k teachers is usually
+    more accurate than any member, and cheap to build from runs that already exist (seeds,
+    architectures). Averaging logits is averaging log-probabilities, i.e. the soft targets
+    at temperature T are the normalised geometric mean of the members' distributions at T.
+    Each member keeps its own input adaptation (size, channels, normalisation).
+    """
+
+    def __init__(self, members: Sequence[FrozenTeacher]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise RecipeError("a teacher ensemble needs at least two teachers; pass one teacher directly")
+        self.members = nn.ModuleList(members)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        """Always eval mode, like each ``FrozenTeacher``."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = [logits_of(member(images)).float() for member in self.members]
+        if len({tuple(z.shape) for z in logits}) != 1:
+            raise RecipeError(f"the ensemble's teachers give logits of shapes {[tuple(z.shape) for z in logits]}; "
+                              f"all teachers must predict the same classes")
+        return torch.stack(logits).mean(dim=0)
+
+
 class HintProjection(nn.Module):
     """Learned map from a student layer's features to a teacher layer's: a 1x1 convolution
     for feature maps ``(C, H, W)``, a linear map for vectors ``(D,)`` (feature maps are
@@ -504,7 +546,9 @@ class DistillationTrainer(Trainer):
     Args:
         model, optimizer, loss_fn: the student, its optimizer and the task loss (as ``Trainer``).
         teacher: an ``nn.Module``, a ``TeacherSpec``, or a string for ``load_teacher`` (a
-            ``convrecipes train`` run directory / ``.safetensors``, or a timm model name).
+            ``convrecipes train`` run directory / ``.safetensors``, or a timm model name);
+            or a list of these: an ensemble whose mean logits are the soft targets
+            (``TeacherEnsemble``; hints need a single teacher).
         temperature: T of the soft targets.
         alpha: weight of the soft term; ``1 - alpha`` weighs the task loss.
         teacher_mean, teacher_std: the teacher's normalisation if it differs from the
@@ -527,7 +571,7 @@ class DistillationTrainer(Trainer):
         optimizer: torch.optim.Optimizer,
         loss_fn: nn.Module,
         *,
-        teacher: Union[nn.Module, str, TeacherSpec],
+        teacher: Union[nn.Module, str, TeacherSpec, Sequence[Union[nn.Module, str, TeacherSpec]]],
         temperature: float = 4.0,
         alpha: float = 0.9,
         teacher_mean: Optional[Sequence[float]] = None,
@@ -555,32 +599,36 @@ class DistillationTrainer(Trainer):
         self.hint_weight = float(hint_weight)
         self.hint_layers = tuple(hint_layers) if hint_layers is not None else None
 
-        if isinstance(teacher, str):
-            spec = load_teacher(teacher)
-        elif isinstance(teacher, TeacherSpec):
-            spec = teacher
-        elif isinstance(teacher, nn.Module):
-            spec = TeacherSpec(teacher, _module_identity(teacher))
-        else:
-            raise RecipeError(f"teacher must be an nn.Module, a run directory / checkpoint path or a timm model name, "
-                              f"got {type(teacher).__name__}")
+        many = isinstance(teacher, (list, tuple))
+        specs = [_as_teacher_spec(t) for t in (teacher if many else [teacher])]
+        if not specs:
+            raise RecipeError("the teacher list is empty; give one teacher or several for an ensemble")
+        if len(specs) > 1 and (hint_layers is not None or teacher_mean is not None or teacher_image_size is not None
+                               or teacher_in_chans is not None):
+            raise RecipeError("hint_layers and teacher_mean/teacher_std/teacher_image_size/teacher_in_chans need a "
+                              "single teacher; an ensemble's members are adapted from their own checkpoints")
         if student_mean is None and self.augment is not None and hasattr(self.augment, "mean"):
             student_mean = self.augment.mean.flatten().tolist()
             student_std = self.augment.std.flatten().tolist()
         elif student_mean is None and self.augment is None:  # raw [0, 1] pixels
             channels = input_shape[0] if input_shape is not None else 1
             student_mean, student_std = [0.0] * channels, [1.0] * channels
-        teacher_mean = teacher_mean if teacher_mean is not None else spec.mean
-        teacher_std = teacher_std if teacher_std is not None else spec.std
-        self.teacher = FrozenTeacher(
+        frozen = [FrozenTeacher(
             spec.module, student_mean=student_mean, student_std=student_std,
-            teacher_mean=teacher_mean, teacher_std=teacher_std,
+            teacher_mean=teacher_mean if teacher_mean is not None else spec.mean,
+            teacher_std=teacher_std if teacher_std is not None else spec.std,
             image_size=_as_size(teacher_image_size, "teacher_image_size") or spec.image_size,
             in_chans=teacher_in_chans if teacher_in_chans is not None else spec.in_chans,
-        ).to(self.device)
+        ) for spec in specs]
+        self.teacher: nn.Module = (frozen[0] if len(frozen) == 1 else TeacherEnsemble(frozen)).to(self.device)
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
-        self.teacher_identity = dict(spec.identity)
+        if len(specs) == 1:
+            self.teacher_identity = dict(specs[0].identity)
+        else:
+            members = [dict(spec.identity) for spec in specs]
+            combined = hashlib.sha256("|".join(m.get("weights_sha256", "") for m in members).encode()).hexdigest()
+            self.teacher_identity = {"kind": "ensemble", "members": members, "weights_sha256": combined}
         self.checkpoint_metadata["teacher"] = self.teacher_identity
         self.checkpoint_metadata["distillation"] = {
             "temperature": self.temperature, "alpha": self.alpha,
@@ -675,7 +723,16 @@ class DistillationTrainer(Trainer):
         if teacher is None:
             raise RecipeError("trainer 'distillation' needs a teacher: set trainer.params.teacher=<run directory or "
                               ".safetensors written by `convrecipes train`, or a timm model name>")
-        if isinstance(teacher, str):
+        if isinstance(teacher, (list, tuple)):
+            if not teacher:
+                raise RecipeError("trainer.params.teacher is an empty list; give one teacher or several for an "
+                                  "ensemble")
+            specs = [load_teacher(t, num_classes=num_classes) if isinstance(t, str) else t for t in teacher]
+            for spec in specs:
+                if isinstance(spec, TeacherSpec):
+                    spec.module.to(device)
+            params["teacher"] = specs
+        elif isinstance(teacher, str):
             spec = load_teacher(teacher, num_classes=num_classes)
             spec.module.to(device)
             params["teacher"] = spec
