@@ -358,7 +358,7 @@ def test_teacher_ensemble_distils_from_the_mean_of_the_members_logits(blobs, tmp
     """A list of teachers is one teacher whose logits are the members' mean: the KD term
     equals the textbook formula on hand-averaged logits, each member keeps its own input
     normalisation, and the checkpoint records every member."""
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run_a = tmp_path / "a"
     teacher_a, _ = _write_teacher_checkpoint(run_a / "best.safetensors")  # trained on mean 0.25 / std 0.35
     module_b = _tiny_teacher(1, seed=7)  # an nn.Module: sees the student's batch as is
     torch.manual_seed(0)
