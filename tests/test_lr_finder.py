@@ -405,22 +405,28 @@ def test_lr_find_user_errors_exit_2(tmp_path, capsys):
 
 
 # -- (g) optimizer.lr=auto ------------------------------------------------------------------------
-def test_optimizer_lr_auto_trains_with_the_consensus_suggestion(tmp_path, capsys):
+@pytest.mark.parametrize("schedule, rule", [("cosine", "cyclic_max"), ("constant", "consensus")])
+def test_optimizer_lr_auto_trains_with_the_rule_for_its_schedule(tmp_path, capsys, schedule, rule):
+    """An annealing schedule peaks at the top of the usable range (cyclic_max); any other
+    trains with the consensus (the geometric mean of steepest, valley and min/10)."""
     from convrecipes.cli import main
+    from convrecipes.lr_find_command import auto_lr_rule
 
+    assert auto_lr_rule(schedule) == rule
+    assert {auto_lr_rule(n) for n in ("linear", "one_cycle")} == {"cyclic_max"}
+    assert {auto_lr_rule(n) for n in ("step", "multistep", "reduce_on_plateau", "cyclic")} == {"consensus"}
     run_dir = tmp_path / "auto"
-    assert main(["train", "quickstart", "optimizer.lr=auto", "trainer.epochs=1", "schedule.warmup_epochs=0", *TINY,
-                 "--run-dir", str(run_dir)]) == 0
+    assert main(["train", "quickstart", "optimizer.lr=auto", "trainer.epochs=1", "schedule.warmup_epochs=0",
+                 f"schedule.name={schedule}", *TINY, "--run-dir", str(run_dir)]) == 0
     stdout = capsys.readouterr().out
     found = json.loads((run_dir / "lr_find.json").read_text())
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert found["auto"]["rule"] == "consensus"
+    assert found["auto"]["rule"] == rule and found["auto"]["schedule"] == schedule
     rules = [found["suggestions"][k] for k in ("steepest", "valley", "min_div_10")]
     assert found["suggestions"]["consensus"] == pytest.approx(math.prod(rules) ** (1 / 3), rel=1e-9)
-    assert recipe["optimizer"]["lr"] == found["auto"]["lr"] == pytest.approx(found["suggestions"]["consensus"],
-                                                                              rel=1e-3)
+    assert recipe["optimizer"]["lr"] == found["auto"]["lr"] == pytest.approx(found["suggestions"][rule], rel=1e-3)
     assert (run_dir / "lr_find.png").is_file() and (run_dir / "results.json").is_file()
-    assert "optimizer.lr=auto: consensus suggestion" in stdout
+    assert f"optimizer.lr=auto: {rule} suggestion" in stdout
 
 
 def test_auto_lr_with_a_cyclic_schedule_equals_training_with_the_numbers(tmp_path):
