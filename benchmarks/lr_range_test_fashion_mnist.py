@@ -68,7 +68,7 @@ def main() -> None:
             lr = auto * factor
             runs[f"grid x{factor:g}"] = {"lr": lr, **train(args.recipe, base + [f"optimizer.lr={lr}"], tmp / f"g{factor}")}
             print(f"grid x{factor:<5g} lr {lr:<10.4g} test top-1 {runs[f'grid x{factor:g}']['test_top1']:.2f}", flush=True)
-        for rule in [r for r in ("steepest", "valley", "min_div_10") if r != finder["auto_lr_rule"]]:
+        for rule in [r for r in ("steepest", "valley", "min_div_10", "consensus") if r != finder["auto_lr_rule"]]:
             runs[f"rule {rule}"] = {"lr": s[rule], **train(args.recipe, base + [f"optimizer.lr={s[rule]}"], tmp / rule)}
             print(f"rule {rule:<11} lr {s[rule]:<10.4g} test top-1 {runs[f'rule {rule}']['test_top1']:.2f}", flush=True)
         grid = {k: v for k, v in runs.items() if k.startswith("grid")}

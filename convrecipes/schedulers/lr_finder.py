@@ -30,7 +30,8 @@ How it differs from the usual finders:
 Suggestions (``suggest``), read off the smoothed loss without its first 10% and last few
 points, as fastai does: ``steepest`` (most negative slope against log LR), ``valley``
 (fastai's default rule), ``min_div_10`` (the LR of the lowest loss / 10), ``consensus``
-(the geometric mean of those three; the one ``optimizer.lr=auto`` trains with), and the cyclical bounds ``cyclic_max`` (where the loss has
+(the geometric mean of those three; ``optimizer.lr=auto`` trains with it, or with
+``cyclic_max`` under an annealing schedule), and the cyclical bounds ``cyclic_max`` (where the loss has
 covered 80% of its descent: "where it stops descending steeply") and ``cyclic_base``
 (max / 4, Smith). The rules were made for exponential sweeps; on a linear sweep the
 skipped first 10% is a tenth of the whole LR range.
@@ -68,7 +69,8 @@ SWEEP_MODES = ("exp", "linear")
 LR_RULES = ("steepest", "valley", "min_div_10")
 # The geometric mean of the rules' LRs: each rule errs in its own direction on a given
 # curve (valley low, steepest high and jumpy from seed to seed), and their mean in log
-# space moves less from seed to seed than any one of them. `optimizer.lr=auto` uses it.
+# space moves less from seed to seed than any one of them. `optimizer.lr=auto` uses it
+# under non-annealing schedules (see lr_find_command.auto_lr_rule).
 CONSENSUS_KEY = "consensus"
 CYCLIC_KEYS = ("cyclic_base", "cyclic_max")
 SUGGESTION_KEYS = LR_RULES + (CONSENSUS_KEY,) + CYCLIC_KEYS
