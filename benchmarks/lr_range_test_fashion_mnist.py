@@ -5,10 +5,12 @@
    `optimizer.lr=auto` rule's suggestion, same budget: is the suggestion within 0.5 points of
    the grid's best?
 3. Cyclical LR (triangular2) with the range test's bounds against a fixed LR at the
-   suggestion: how many iterations until CLR reaches the fixed-LR run's final accuracy?
+   suggestion `optimizer.lr=auto` gives a constant schedule (the consensus rule): how many
+   iterations until CLR reaches the fixed-LR run's final accuracy?
 
     OMP_NUM_THREADS=1 python benchmarks/lr_range_test_fashion_mnist.py   # about 20 min on one CPU core
     python benchmarks/lr_range_test_fashion_mnist.py --epochs 2      # a quicker look
+    python benchmarks/lr_range_test_fashion_mnist.py --clr-only      # redo part 3 only, keep 1-2 from --out
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/lr_range_test_fashion_mnist.json")
+    parser.add_argument("--clr-only", action="store_true", help="rerun only part 3; parts 1-2 are read from --out")
     args = parser.parse_args()
+    from convrecipes.lr_find_command import auto_lr_rule
     base = [*args.model, f"trainer.epochs={args.epochs}", "loss.name=cross_entropy", "loss.params={}"]
     report: dict = {"recipe": args.recipe, "overrides": base}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,11 +68,16 @@ def main() -> None:
 
         # 2. grid around the auto suggestion, and each rule's own suggestion, same budget
         runs = {}
-        for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
+        if args.clr_only:
+            previous = json.loads(Path(args.out).read_text())
+            runs = previous["runs"]
+            report.update({k: previous[k] for k in ("grid_best_top1", "suggestion_top1", "suggestion_gap_points")})
+        for factor in (0.25, 0.5, 1.0, 2.0, 4.0) if not args.clr_only else ():
             lr = auto * factor
             runs[f"grid x{factor:g}"] = {"lr": lr, **train(args.recipe, base + [f"optimizer.lr={lr}"], tmp / f"g{factor}")}
             print(f"grid x{factor:<5g} lr {lr:<10.4g} test top-1 {runs[f'grid x{factor:g}']['test_top1']:.2f}", flush=True)
-        for rule in [r for r in ("steepest", "valley", "min_div_10", "consensus") if r != finder["auto_lr_rule"]]:
+        rules = [] if args.clr_only else ["steepest", "valley", "min_div_10", "consensus"]
+        for rule in [r for r in rules if r != finder["auto_lr_rule"]]:
             runs[f"rule {rule}"] = {"lr": s[rule], **train(args.recipe, base + [f"optimizer.lr={s[rule]}"], tmp / rule)}
             print(f"rule {rule:<11} lr {s[rule]:<10.4g} test top-1 {runs[f'rule {rule}']['test_top1']:.2f}", flush=True)
         grid = {k: v for k, v in runs.items() if k.startswith("grid")}
@@ -76,10 +85,12 @@ def main() -> None:
         report["runs"] = runs
         report["grid_best_top1"] = best["test_top1"]
         report["suggestion_top1"] = runs["grid x1"]["test_top1"]
-        report["suggestion_gap_points"] = best["test_top1"] - runs["grid x1"]["test_top1"]
+        report["suggestion_gap_points"] = round(best["test_top1"] - runs["grid x1"]["test_top1"], 2)
 
-        # 3. CLR with the range-test bounds vs a fixed LR at the suggestion
-        fixed = train(args.recipe, base + [f"optimizer.lr={auto}", "schedule.name=constant",
+        # 3. CLR with the range-test bounds vs a fixed LR at what auto gives a constant schedule
+        fixed_rule = auto_lr_rule("constant")
+        fixed_lr = s[fixed_rule]
+        fixed = train(args.recipe, base + [f"optimizer.lr={fixed_lr}", "schedule.name=constant",
                                            "schedule.warmup_epochs=0"], tmp / "fixed")
         half_cycle = max(1, args.epochs // 2)  # two half-cycles: end at the end of a cycle
         clr = train(args.recipe, base + ["schedule.name=cyclic", "schedule.warmup_epochs=0",
@@ -88,8 +99,8 @@ def main() -> None:
                                          f"optimizer.lr={s['cyclic_base']}"], tmp / "clr")
         target = fixed["val_top1_by_epoch"][-1] - 0.3
         reached = next((i + 1 for i, a in enumerate(clr["val_top1_by_epoch"]) if a >= target), None)
-        report["clr"] = {"fixed": fixed, "clr": clr, "target_val_top1": target, "clr_epochs_to_target": reached,
-                         "fixed_epochs": args.epochs,
+        report["clr"] = {"fixed_rule": fixed_rule, "fixed_lr": fixed_lr, "fixed": fixed, "clr": clr,
+                         "target_val_top1": target, "clr_epochs_to_target": reached, "fixed_epochs": args.epochs,
                          "iteration_ratio": (args.epochs / reached) if reached else None}
 
     print(f"\n{'run':<18} {'lr':>10} {'test top-1':>10}")
@@ -98,7 +109,8 @@ def main() -> None:
     print(f"suggestion ({report['finder']['auto_lr_rule']}) vs grid best: {report['suggestion_gap_points']:.2f} points "
           f"(target <= 0.5)")
     c = report["clr"]
-    print(f"fixed LR {auto:.3g}: final val top-1 {c['fixed']['val_top1_by_epoch'][-1]:.2f}, test {c['fixed']['test_top1']:.2f}")
+    print(f"fixed LR {c['fixed_lr']:.3g} ({c['fixed_rule']}): final val top-1 {c['fixed']['val_top1_by_epoch'][-1]:.2f}, "
+          f"test {c['fixed']['test_top1']:.2f}")
     print(f"cyclic [{s['cyclic_base']:.3g}, {s['cyclic_max']:.3g}]: val top-1 by epoch {c['clr']['val_top1_by_epoch']}, "
           f"test {c['clr']['test_top1']:.2f}; reached the fixed-LR accuracy - 0.3 at epoch {c['clr_epochs_to_target']} "
           f"of {args.epochs} (iteration ratio {c['iteration_ratio']})")
