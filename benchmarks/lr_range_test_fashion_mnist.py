@@ -5,8 +5,8 @@
    `optimizer.lr=auto` rule's suggestion, same budget: is the suggestion within 0.5 points of
    the grid's best?
 3. Cyclical LR (triangular2) with the range test's bounds against a fixed LR at the
-   suggestion `optimizer.lr=auto` gives a constant schedule (the consensus rule): how many
-   iterations until CLR reaches the fixed-LR run's final accuracy?
+   suggestion `optimizer.lr=auto` gives a constant schedule (the consensus rule), both for
+   --clr-epochs (8): how many iterations until CLR reaches the fixed-LR run's final accuracy?
 
     OMP_NUM_THREADS=1 python benchmarks/lr_range_test_fashion_mnist.py   # about 20 min on one CPU core
     python benchmarks/lr_range_test_fashion_mnist.py --epochs 2      # a quicker look
@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/lr_range_test_fashion_mnist.json")
     parser.add_argument("--clr-only", action="store_true", help="rerun only part 3; parts 1-2 are read from --out")
+    parser.add_argument("--clr-epochs", type=int, default=8,
+                        help="epochs of the fixed-LR and CLR runs (part 3); long enough that one epoch is a fine "
+                             "resolution for 'how many iterations until' (default 8)")
     args = parser.parse_args()
     from convrecipes.lr_find_command import auto_lr_rule
     base = [*args.model, f"trainer.epochs={args.epochs}", "loss.name=cross_entropy", "loss.params={}"]
@@ -90,18 +93,20 @@ def main() -> None:
         # 3. CLR with the range-test bounds vs a fixed LR at what auto gives a constant schedule
         fixed_rule = auto_lr_rule("constant")
         fixed_lr = s[fixed_rule]
-        fixed = train(args.recipe, base + [f"optimizer.lr={fixed_lr}", "schedule.name=constant",
+        clr_base = [o for o in base if not o.startswith("trainer.epochs=")] + [f"trainer.epochs={args.clr_epochs}"]
+        fixed = train(args.recipe, clr_base + [f"optimizer.lr={fixed_lr}", "schedule.name=constant",
                                            "schedule.warmup_epochs=0"], tmp / "fixed")
-        half_cycle = max(1, args.epochs // 2)  # two half-cycles: end at the end of a cycle
-        clr = train(args.recipe, base + ["schedule.name=cyclic", "schedule.warmup_epochs=0",
-                                         f"schedule.params={{base_lr: {s['cyclic_base']}, max_lr: {s['cyclic_max']}, "
-                                         f"step_size_epochs: {half_cycle / 2}, mode: triangular2}}",
-                                         f"optimizer.lr={s['cyclic_base']}"], tmp / "clr")
+        # Smith: a half cycle of 2-10 epochs' worth; here 1 epoch, so cycles end (LR back at
+        # base, where CLR is evaluated) at every even epoch
+        clr = train(args.recipe, clr_base + ["schedule.name=cyclic", "schedule.warmup_epochs=0",
+                                             f"schedule.params={{base_lr: {s['cyclic_base']}, max_lr: "
+                                             f"{s['cyclic_max']}, step_size_epochs: 1, mode: triangular2}}",
+                                             f"optimizer.lr={s['cyclic_base']}"], tmp / "clr")
         target = fixed["val_top1_by_epoch"][-1] - 0.3
         reached = next((i + 1 for i, a in enumerate(clr["val_top1_by_epoch"]) if a >= target), None)
         report["clr"] = {"fixed_rule": fixed_rule, "fixed_lr": fixed_lr, "fixed": fixed, "clr": clr,
-                         "target_val_top1": target, "clr_epochs_to_target": reached, "fixed_epochs": args.epochs,
-                         "iteration_ratio": (args.epochs / reached) if reached else None}
+                         "target_val_top1": target, "clr_epochs_to_target": reached, "fixed_epochs": args.clr_epochs,
+                         "iteration_ratio": (args.clr_epochs / reached) if reached else None}
 
     print(f"\n{'run':<18} {'lr':>10} {'test top-1':>10}")
     for name, r in runs.items():
@@ -113,7 +118,7 @@ def main() -> None:
           f"test {c['fixed']['test_top1']:.2f}")
     print(f"cyclic [{s['cyclic_base']:.3g}, {s['cyclic_max']:.3g}]: val top-1 by epoch {c['clr']['val_top1_by_epoch']}, "
           f"test {c['clr']['test_top1']:.2f}; reached the fixed-LR accuracy - 0.3 at epoch {c['clr_epochs_to_target']} "
-          f"of {args.epochs} (iteration ratio {c['iteration_ratio']})")
+          f"of {args.clr_epochs} (iteration ratio {c['iteration_ratio']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
