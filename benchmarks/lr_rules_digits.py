@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,9 @@ def main() -> None:
         subprocess.run(CLI + ["lr-find", args.recipe, "--repeat", "3", "--out", str(tmp / "lrf")],
                        check=True, capture_output=True, text=True)
         finder = json.loads((tmp / "lrf" / "lr_find.json").read_text())
-        s = {k: v for k, v in finder["suggestions"].items() if k in ("steepest", "valley", "min_div_10")}
-        s["geomean_of_rules"] = math.exp(statistics.fmean(math.log(v) for v in s.values()))
+        # consensus is the finder's own geometric mean of the three rules (reported as
+        # "geomean_of_rules" in results written before it existed)
+        s = {k: v for k, v in finder["suggestions"].items() if k in ("steepest", "valley", "min_div_10", "consensus")}
         report["suggestions"] = s
         report["spread"] = {k: finder["spread"][k]["ratio"] for k in ("steepest", "valley", "min_div_10")}
         report["finder_wall_s"] = round(time.perf_counter() - t0, 1)
