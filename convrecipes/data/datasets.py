@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from convrecipes.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
+from convrecipes.data.font_glyphs import load_font_glyphs
 from convrecipes.data.image_folder import load_image_folder
 from convrecipes.data.loader import ImageTensorDataset
 from convrecipes.data.splits import stratified_split
@@ -51,7 +52,7 @@ def load_dataset(
 
     Args:
         name: a name in ``DATASETS`` (``digits``, ``fashion_mnist``, ``cifar10``,
-            ``cifar100``, ``image_folder``).
+            ``cifar100``, ``image_folder``, ``font_glyphs``).
         split: ``"train"`` or ``"test"``.
         data_dir: where the data is (required for ``image_folder``).
         download: allow torchvision to download a missing dataset (needs internet).
@@ -318,3 +319,8 @@ def load_image_folder_dataset(
         channels=channels if channels is not None else 3,
         fallback_cache_dir=DEFAULT_CACHE_DIR,
     )
+
+
+# -- font glyphs (many classes, unseen test classes; see convrecipes.data.font_glyphs) ----
+
+DATASETS.register("font_glyphs")(load_font_glyphs)
