@@ -45,7 +45,7 @@ def isolated_locations(tmp_path, monkeypatch):
 
 
 def test_registered_names_and_bad_arguments():
-    assert set(DATASETS.names()) == {"digits", "fashion_mnist", "cifar10", "cifar100", "image_folder"}
+    assert set(DATASETS.names()) == {"digits", "fashion_mnist", "cifar10", "cifar100", "image_folder", "font_glyphs"}
     with pytest.raises(UnknownNameError, match="valid dataset names: cifar10, cifar100, digits"):
         load_dataset("mnist", "train")
     with pytest.raises(DataError, match="valid splits: train, test"):

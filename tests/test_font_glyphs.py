@@ -15,6 +15,7 @@ import torch
 from convrecipes.data import DATASETS
 from convrecipes.data.font_glyphs import (
     build_font_glyphs,
+    describe,
     find_fonts,
     merge_look_alikes,
     render_glyph,
@@ -72,6 +73,9 @@ def test_splits_hold_disjoint_classes_and_are_deterministic(fonts):
     split = train if label_of_a < n_train else test
     assert int((split.labels == label_of_a).sum()) == a_fonts
     assert train.images.shape[1:] == (1, 32, 32) and train.images.dtype == torch.uint8
+    counts = describe(train, test)
+    assert (counts["train_classes"], counts["test_classes"]) == (n_train, n_test)
+    assert (counts["train_images"], counts["test_images"]) == (len(train), len(test))
 
 
 def test_too_few_fonts_is_a_clear_error(fonts):
