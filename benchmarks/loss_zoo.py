@@ -70,7 +70,7 @@ def main() -> None:
         def job(run: tuple[str, int | None]) -> dict:
             row = run_one(run[0], args.overrides, Path(tmp), plot_dir, run[1])
             seed_text = "" if run[1] is None else f" seed {run[1]}"
-            print(f"{run[0]}{seed_text}: top-1 {row['test_top1']:.2f}%  R@1 {row.get('test_recall_at_1', float('nan')):.2f}%"
+            print(f"{run[0]}{seed_text}: top-1 {row.get('test_top1', float('nan')):.2f}%  R@1 {row.get('test_recall_at_1', float('nan')):.2f}%"
                   f"  ({row['wall_s']:.0f} s)", flush=True)
             return row
 

@@ -116,6 +116,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "test_best" in results:
             rows.update({f"best (epoch {results['best_epoch']}) {k}": v for k, v in results["test_best"].items()})
         rows["wall time (s)"] = results["wall_time_s"]
+        from convrecipes.data.datasets import test_classes_unseen
+
+        if test_classes_unseen(recipe.data.name):
+            rows = {k: v for k, v in rows.items() if not k.endswith(("test_top1", "test_top5"))}
+            trainer.print(f"{recipe.data.name}: the test classes are unseen in training, so there is no test accuracy; "
+                          f"`convrecipes evaluate {run_dir} --weights last` reports Recall@1 on them")
         _print_table(rows, f"test results ({run_dir / 'results.json'}):")
     accelerator.end_training()
     return 0
@@ -142,7 +148,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     load_model_weights(trainer.unwrapped_model, weights, ckpt)
     trainer.loss_fn.load_state_dict(state["loss"])
     metrics: dict[str, Any] = trainer.evaluate(exp.test_loader, prefix="test_")
+    from convrecipes.data.datasets import test_classes_unseen
     from convrecipes.models import Classifier
+
+    unseen = test_classes_unseen(recipe.data.name)
+    if unseen:  # no trained output for the test classes: accuracy would be a meaningless ~0
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(("test_top1", "test_top5"))}
 
     # a second pass over the test set only for models that expose embeddings
     embeddings = None
@@ -162,6 +173,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             plot_embeddings_2d(embeddings, targets, args.plot, class_names=meta.get("classes"))
             print(f"wrote {args.plot}")
     if trainer.is_main_process:
+        if unseen and not args.json:
+            print(f"{recipe.data.name}: the test classes are not among the training classes, so there is no test "
+                  "accuracy; read test_recall_at_1 (nearest neighbour among the test images)")
         if args.json:
             print(json.dumps({"checkpoint": str(ckpt), **metrics}))
         else:

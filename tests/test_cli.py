@@ -57,6 +57,22 @@ def test_evaluate_prints_test_metrics(trained_run):
     assert metrics["test_top1"] == pytest.approx(stored["test_top1"])
 
 
+def test_evaluate_reports_no_accuracy_when_the_test_classes_are_unseen(trained_run, monkeypatch, capsys):
+    # font_glyphs' test classes are disjoint from its training classes; pretend the digits are too
+    import convrecipes.data.datasets as datasets
+    from convrecipes.cli import main
+
+    run_dir, _ = trained_run
+    monkeypatch.setattr(datasets, "UNSEEN_TEST_CLASSES", frozenset({"digits"}))
+    assert main(["evaluate", str(run_dir), "--weights", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "no test accuracy" in out and "test_recall_at_1" in out
+    assert "test_top1" not in out.replace("test_recall_at_1", "") and "test_loss" in out
+    monkeypatch.setattr(datasets, "UNSEEN_TEST_CLASSES", frozenset())
+    assert main(["evaluate", str(run_dir), "--weights", "last"]) == 0
+    assert "test_top1" in capsys.readouterr().out
+
+
 def test_unknown_key_wrong_type_and_unknown_names_exit_2():
     assert_user_error(run("train", "quickstart", "data.batchsize=3"), "data.batchsize", "batch_size")
     assert_user_error(run("train", "quickstart", "optimizer.lr=abc"), "optimizer.lr", "number")

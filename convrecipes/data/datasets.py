@@ -324,3 +324,12 @@ def load_image_folder_dataset(
 # -- font glyphs (many classes, unseen test classes; see convrecipes.data.font_glyphs) ----
 
 DATASETS.register("font_glyphs")(load_font_glyphs)
+
+# Datasets whose test split holds only classes absent from training: test accuracy is
+# undefined there (no trained output for those classes); retrieval metrics are what to read.
+UNSEEN_TEST_CLASSES = frozenset({"font_glyphs"})
+
+
+def test_classes_unseen(name: str) -> bool:
+    """Whether dataset ``name``'s test classes are disjoint from its training classes."""
+    return name in UNSEEN_TEST_CLASSES
