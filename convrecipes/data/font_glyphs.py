@@ -63,7 +63,7 @@ def candidate_characters() -> list[str]:
     """The characters considered as classes, before coverage and look-alike filtering."""
     ranges = [
         (0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A),  # digits, Latin
-        (0xC0, 0xFF),  # Latin-1 letters (x and / removed below)
+        (0xC0, 0xFF),  # Latin-1 letters (the signs × and ÷ removed below)
         (0x100, 0x17F),  # Latin Extended-A
         (0x391, 0x3A9), (0x3B1, 0x3C9),  # Greek
         (0x401, 0x40C), (0x40E, 0x44F), (0x451, 0x45C), (0x45E, 0x45F),  # Cyrillic
