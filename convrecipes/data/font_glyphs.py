@@ -217,8 +217,10 @@ def build_font_glyphs(
                     scale = rng.uniform(0.85, 1.05)
                     dx, dy = rng.uniform(-1.5, 1.5, size=2)
                     angle = rng.uniform(-8.0, 8.0)
-                    images.append(render_glyph(font.path, char, size, scale, dx, dy, angle))
-                    labels.append(first_label + offset)
+                    image = render_glyph(font.path, char, size, scale, dx, dy, angle)
+                    if image.any():  # a font may map a character to an empty glyph
+                        images.append(image)
+                        labels.append(first_label + offset)
         return ImageTensorDataset(torch.from_numpy(np.stack(images)).unsqueeze(1), torch.tensor(labels), names)
 
     names = [f"U+{ord(c):04X} {c}" for c in all_chars]
@@ -233,7 +235,7 @@ def load_font_glyphs(split: str, data_dir: str | None = None, **_: object) -> Im
     if not fonts:
         raise DataError("no text fonts found; install some (apt-get install fonts-dejavu) or set data.data_dir")
     settings = {"size": IMAGE_SIZE, "renders": RENDERS_PER_FONT, "min_fonts": MIN_FONTS_PER_CLASS,
-                "test_fraction": TEST_CLASS_FRACTION, "seed": SPLIT_SEED, "dup": DUPLICATE_THRESHOLD, "version": 1}
+                "test_fraction": TEST_CLASS_FRACTION, "seed": SPLIT_SEED, "dup": DUPLICATE_THRESHOLD, "version": 2}
     cache = DEFAULT_CACHE_DIR / f"font_glyphs_{_cache_key(fonts, settings)}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
