@@ -108,6 +108,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         results["best_epoch"] = meta.get("epoch")
         results["test_best"] = trainer.evaluate(exp.test_loader, prefix="test_")
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    from convrecipes.data.datasets import test_classes_unseen
+
+    unseen = test_classes_unseen(recipe.data.name)
+    if unseen:  # no trained output for the test classes: accuracy would be a meaningless ~0
+        for key in ("test_final", "test_final_ema", "test_best"):
+            if key in results:
+                results[key] = {k: v for k, v in results[key].items() if not k.startswith(("test_top1", "test_top5"))}
     if accelerator.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         rows = {f"final {k}": v for k, v in results["test_final"].items()}
@@ -116,10 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "test_best" in results:
             rows.update({f"best (epoch {results['best_epoch']}) {k}": v for k, v in results["test_best"].items()})
         rows["wall time (s)"] = results["wall_time_s"]
-        from convrecipes.data.datasets import test_classes_unseen
-
-        if test_classes_unseen(recipe.data.name):
-            rows = {k: v for k, v in rows.items() if not k.endswith(("test_top1", "test_top5"))}
+        if unseen:
             trainer.print(f"{recipe.data.name}: the test classes are unseen in training, so there is no test accuracy; "
                           f"`convrecipes evaluate {run_dir} --weights last` reports Recall@1 on them")
         _print_table(rows, f"test results ({run_dir / 'results.json'}):")

@@ -73,6 +73,18 @@ def test_evaluate_reports_no_accuracy_when_the_test_classes_are_unseen(trained_r
     assert "test_top1" in capsys.readouterr().out
 
 
+def test_train_reports_no_accuracy_when_the_test_classes_are_unseen(tmp_path, monkeypatch, capsys):
+    import convrecipes.data.datasets as datasets
+    from convrecipes.cli import main
+
+    monkeypatch.setattr(datasets, "UNSEEN_TEST_CLASSES", frozenset({"digits"}))
+    assert main(["train", "quickstart", *TINY, "--run-dir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "test_loss" in results["test_final"] and "test_top1" not in results["test_final"]
+    out = capsys.readouterr().out
+    assert "no test accuracy" in out and "test_top1" not in out
+
+
 def test_unknown_key_wrong_type_and_unknown_names_exit_2():
     assert_user_error(run("train", "quickstart", "data.batchsize=3"), "data.batchsize", "batch_size")
     assert_user_error(run("train", "quickstart", "optimizer.lr=abc"), "optimizer.lr", "number")
