@@ -52,6 +52,11 @@ def _print_table(rows: dict[str, Any], title: str) -> None:
         print(f"  {key:<{width}}  {shown}")
 
 
+def _without_accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` less test top-1/top-5: for test classes unseen in training they are a meaningless ~0."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("test_top1", "test_top5"))}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from convrecipes.build import build, make_accelerator
     from convrecipes.recipe import dump_recipe, load_recipe, recipe_from_dict
@@ -108,13 +113,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         results["best_epoch"] = meta.get("epoch")
         results["test_best"] = trainer.evaluate(exp.test_loader, prefix="test_")
     results["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    from convrecipes.data.datasets import test_classes_unseen
+    from convrecipes.data.datasets import has_unseen_test_classes
 
-    unseen = test_classes_unseen(recipe.data.name)
-    if unseen:  # no trained output for the test classes: accuracy would be a meaningless ~0
+    unseen = has_unseen_test_classes(recipe.data.name)
+    if unseen:
         for key in ("test_final", "test_final_ema", "test_best"):
             if key in results:
-                results[key] = {k: v for k, v in results[key].items() if not k.startswith(("test_top1", "test_top5"))}
+                results[key] = _without_accuracy(results[key])
     if accelerator.is_main_process:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         rows = {f"final {k}": v for k, v in results["test_final"].items()}
@@ -152,12 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     load_model_weights(trainer.unwrapped_model, weights, ckpt)
     trainer.loss_fn.load_state_dict(state["loss"])
     metrics: dict[str, Any] = trainer.evaluate(exp.test_loader, prefix="test_")
-    from convrecipes.data.datasets import test_classes_unseen
+    from convrecipes.data.datasets import has_unseen_test_classes
     from convrecipes.models import Classifier
 
-    unseen = test_classes_unseen(recipe.data.name)
-    if unseen:  # no trained output for the test classes: accuracy would be a meaningless ~0
-        metrics = {k: v for k, v in metrics.items() if not k.startswith(("test_top1", "test_top5"))}
+    unseen = has_unseen_test_classes(recipe.data.name)
+    if unseen:
+        metrics = _without_accuracy(metrics)
 
     # a second pass over the test set only for models that expose embeddings
     embeddings = None

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from convrecipes.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from convrecipes.data.font_glyphs import load_font_glyphs
+from convrecipes.data.idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 from convrecipes.data.image_folder import load_image_folder
 from convrecipes.data.loader import ImageTensorDataset
 from convrecipes.data.splits import stratified_split
@@ -330,6 +330,6 @@ DATASETS.register("font_glyphs")(load_font_glyphs)
 UNSEEN_TEST_CLASSES = frozenset({"font_glyphs"})
 
 
-def test_classes_unseen(name: str) -> bool:
+def has_unseen_test_classes(name: str) -> bool:
     """Whether dataset ``name``'s test classes are disjoint from its training classes."""
     return name in UNSEEN_TEST_CLASSES

@@ -22,7 +22,8 @@ Fonts: every ``.ttf`` / ``.otf`` under ``data_dir`` if given, else matplotlib's 
 typefaces make a harder, more varied dataset; ``apt-get install fonts-freefont-ttf
 fonts-liberation fonts-urw-base35`` adds 40-odd. Symbol and TeX-encoded fonts (no ``A``,
 ``a`` or ``0`` in their character map) are skipped, as are duplicate faces (same full name).
-The rendering is cached under ``~/.cache/convrecipes`` keyed by the font files and settings.
+The rendering is cached under ``~/.cache/convrecipes/font_glyphs`` (safetensors) keyed by the font
+files and settings.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def build_font_glyphs(
     n_test = max(2, round(test_fraction * len(chars)))
     train_chars = sorted((chars[i] for i in order[n_test:]), key=ord)
     test_chars = sorted((chars[i] for i in order[:n_test]), key=ord)
-    all_chars = train_chars + test_chars
+    names = [f"U+{ord(c):04X} {c}" for c in train_chars + test_chars]
     rng = np.random.default_rng(SPLIT_SEED)
 
     def render_split(split_chars: list[str], first_label: int) -> ImageTensorDataset:
@@ -223,32 +224,32 @@ def build_font_glyphs(
                         labels.append(first_label + offset)
         return ImageTensorDataset(torch.from_numpy(np.stack(images)).unsqueeze(1), torch.tensor(labels), names)
 
-    names = [f"U+{ord(c):04X} {c}" for c in all_chars]
     return render_split(train_chars, 0), render_split(test_chars, len(train_chars))
 
 
 def load_font_glyphs(split: str, data_dir: str | None = None, **_: object) -> ImageTensorDataset:
-    """The ``font_glyphs`` dataset (see the module docstring), rendered once and cached."""
+    """The ``font_glyphs`` dataset (see the module docstring), rendered once and cached.
+
+    The cache is the image-folder loader's: one safetensors file per split, written
+    atomically, with older renders of the same split removed.
+    """
     from convrecipes.data.datasets import DEFAULT_CACHE_DIR
+    from convrecipes.data.image_folder import _read_cache, _write_cache
 
     fonts = find_fonts(data_dir)
     if not fonts:
         raise DataError("no text fonts found; install some (apt-get install fonts-dejavu) or set data.data_dir")
     settings = {"size": IMAGE_SIZE, "renders": RENDERS_PER_FONT, "min_fonts": MIN_FONTS_PER_CLASS,
                 "test_fraction": TEST_CLASS_FRACTION, "seed": SPLIT_SEED, "dup": DUPLICATE_THRESHOLD, "version": 2}
-    cache = DEFAULT_CACHE_DIR / f"font_glyphs_{_cache_key(fonts, settings)}.pt"
-    if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-    else:
-        train, test = build_font_glyphs(fonts)
-        blob = {"fonts": [f.name for f in fonts], "classes": train.classes,
-                "train_images": train.images, "train_labels": train.labels,
-                "test_images": test.images, "test_labels": test.labels}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(cache)
-    return ImageTensorDataset(blob[f"{split}_images"], blob[f"{split}_labels"], list(blob["classes"]))
+    key = _cache_key(fonts, settings)
+    cache = {name: DEFAULT_CACHE_DIR / "font_glyphs" / f"{name}-{key}.safetensors" for name in ("train", "test")}
+    cached = _read_cache(cache[split])
+    if cached is not None:
+        return cached[0]
+    splits = dict(zip(("train", "test"), build_font_glyphs(fonts)))
+    for name, dataset in splits.items():
+        _write_cache(cache[name], dataset, unreadable=[])
+    return splits[split]
 
 
 def describe(dataset_train: ImageTensorDataset, dataset_test: ImageTensorDataset) -> dict:
