@@ -24,6 +24,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from teacher_accuracy import teacher_accuracy, teacher_spec  # benchmarks/ is on sys.path when run as a script
+
 CLI = [sys.executable, "-m", "convrecipes.cli"]
 
 
@@ -44,16 +46,6 @@ def train(recipe: str, run_dir: Path, overrides: list[str]) -> dict:
             "wall_time_s": results["wall_time_s"]}
 
 
-def teacher_accuracy(teachers: list[Path]) -> float:
-    """Test accuracy of the ensemble, through the student's own test pipeline."""
-    from convrecipes.build import build
-    from convrecipes.recipe import load_recipe
-
-    spec = "[" + ",".join(str(t) for t in teachers) + "]"
-    exp = build(load_recipe("distill_fashion_mnist", [f"trainer.params.teacher={spec}", "trainer.progress=false"]))
-    return exp.trainer.evaluate(exp.test_loader, model=exp.trainer.teacher)["top1"]
-
-
 def summary(rows: list[dict]) -> dict:
     accs = [r["test_top1"] for r in rows]
     return {"mean": round(statistics.mean(accs), 3), "min": min(accs), "max": max(accs),
@@ -72,10 +64,10 @@ def main() -> None:
         alone = list(pool.map(lambda s: train("fashion_mnist_student", root / f"student_seed{s}", [f"seed={s}"]),
                               args.seeds))
         teachers = [Path(r["run_dir"]).resolve() for r in alone]
-        spec = "[" + ",".join(str(t) for t in teachers) + "]"
+        spec = teacher_spec(teachers)
         distilled = list(pool.map(lambda s: train("distill_fashion_mnist", root / f"distilled_seed{s}",
                                                   [f"seed={s}", f"trainer.params.teacher={spec}"]), args.seeds))
-    teacher_top1 = teacher_accuracy(teachers)
+    teacher_top1 = teacher_accuracy(teachers)["test_top1"]
     a, d = summary(alone), summary(distilled)
     print(f"\nteacher: ensemble of the {len(teachers)} student-alone runs, test top-1 {teacher_top1:.2f}%")
     print(f"{'seed':>4} {'alone %':>8} {'distilled %':>11} {'difference':>10}")
