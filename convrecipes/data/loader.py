@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 
@@ -45,6 +45,31 @@ class ImageTensorDataset:
         """A new dataset holding the rows ``indices`` (copied, so the parent can be freed)."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         return ImageTensorDataset(self.images[indices].clone(), self.labels[indices].clone(), list(self.classes))
+
+
+class EpochLoader(Protocol):
+    """What the trainer needs of a loader to shard it, resume it exactly and size an epoch.
+
+    ``InMemoryLoader`` and ``SemiSupervisedLoader`` implement it; any other iterable is
+    handed to Accelerate (``prepare_data_loader``) and resumed with ``skip_first_batches``.
+    What it yields is not inspected by the base loop: the trainer's ``prepare_train_batch``
+    turns it into what ``training_step`` takes.
+    """
+
+    def __len__(self) -> int:
+        """Batches per epoch on each process."""
+        ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select epoch ``epoch``'s order and the first batch to yield (resume)."""
+        ...
+
+    def shard(self, num_replicas: int, rank: int, device: Optional[torch.device]) -> None:
+        """Point the loader at this process's shard and device."""
+        ...
+
+    def __iter__(self) -> Iterator[Any]:
+        ...
 
 
 class BatchIndexSampler(Protocol):
@@ -104,6 +129,20 @@ class InMemoryLoader:
         self.start_batch = 0  # first batch to yield in the current epoch (resume)
         if device is not None and torch.device(device).type == "cuda":
             self.dataset.images = self.dataset.images.pin_memory()
+
+    def shard(self, num_replicas: int, rank: int, device: Optional[torch.device]) -> None:
+        """Point the loader at this process's shard and device (called by the trainer)."""
+        if self.batch_size % num_replicas:
+            raise ValueError(
+                f"global batch size {self.batch_size} is not divisible by {num_replicas} processes; "
+                f"choose a batch size that is a multiple of the process count"
+            )
+        self.num_replicas, self.rank = num_replicas, rank
+        self.local_batch_size = self.batch_size // num_replicas
+        if device is not None and self.device != device:
+            self.device = device
+            if torch.device(device).type == "cuda" and not self.dataset.images.is_pinned():
+                self.dataset.images = self.dataset.images.pin_memory()
 
     # -- sizing -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -169,16 +208,6 @@ class InMemoryLoader:
             yield images, labels, valid
 
 
-def shard_loader(loader: InMemoryLoader, num_replicas: int, rank: int, device: Optional[torch.device]) -> None:
-    """Point ``loader`` at this process's shard and device (called by the trainer)."""
-    if loader.batch_size % num_replicas:
-        raise ValueError(
-            f"global batch size {loader.batch_size} is not divisible by {num_replicas} processes; "
-            f"choose a batch size that is a multiple of the process count"
-        )
-    loader.num_replicas, loader.rank = num_replicas, rank
-    loader.local_batch_size = loader.batch_size // num_replicas
-    if device is not None and loader.device != device:
-        loader.device = device
-        if torch.device(device).type == "cuda" and not loader.dataset.images.is_pinned():
-            loader.dataset.images = loader.dataset.images.pin_memory()
+def is_epoch_loader(loader: Any) -> bool:
+    """Whether ``loader`` implements ``EpochLoader`` (sharding and exact resume by position)."""
+    return all(callable(getattr(loader, name, None)) for name in ("set_epoch", "shard", "__len__", "__iter__"))

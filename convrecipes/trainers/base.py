@@ -28,7 +28,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from convrecipes.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from convrecipes.data.loader import InMemoryLoader, shard_loader
+from convrecipes.data.loader import InMemoryLoader
 from convrecipes.errors import CheckpointError, NonFiniteLossError
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
@@ -179,7 +179,7 @@ class Trainer:
 
     def _configure_loader(self, loader: Iterable) -> Iterable:
         if isinstance(loader, InMemoryLoader):
-            shard_loader(loader, self.accelerator.num_processes, self.accelerator.process_index, self.device)
+            loader.shard(self.accelerator.num_processes, self.accelerator.process_index, self.device)
             return loader
         return self.accelerator.prepare_data_loader(loader)
 
@@ -379,7 +379,7 @@ class Trainer:
         self.loss_fn.eval()
         in_memory = isinstance(loader, InMemoryLoader)
         if in_memory:
-            shard_loader(loader, self.accelerator.num_processes, self.accelerator.process_index, self.device)
+            loader.shard(self.accelerator.num_processes, self.accelerator.process_index, self.device)
             loader.set_epoch(0)
             batches = loader.iter_with_mask()
         else:
