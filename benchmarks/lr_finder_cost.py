@@ -28,7 +28,7 @@ import torch
 
 from convrecipes.build import build
 from convrecipes.recipe import load_recipe
-from convrecipes.schedulers.lr_finder import find_lr
+from convrecipes.lr_finder import find_lr
 
 
 def main() -> None:

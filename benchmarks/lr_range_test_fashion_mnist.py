@@ -51,7 +51,7 @@ def main() -> None:
                         help="epochs of the fixed-LR and CLR runs (part 3); long enough that one epoch is a fine "
                              "resolution for 'how many iterations until' (default 8)")
     args = parser.parse_args()
-    from convrecipes.lr_find_command import auto_lr_rule
+    from convrecipes.lr_finder.command import auto_lr_rule
     base = [*args.model, f"trainer.epochs={args.epochs}", "loss.name=cross_entropy", "loss.params={}"]
     report: dict = {"recipe": args.recipe, "overrides": base}
     with tempfile.TemporaryDirectory() as tmp:

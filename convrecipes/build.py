@@ -11,7 +11,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from convrecipes.losses import LOSSES, build_loss, loss_param_groups
 from convrecipes.models import count_parameters, create_model
 from convrecipes.optim import build_optimizer, scaled_lr
 from convrecipes.recipe import Recipe, loss_terms, recipe_to_dict
+from convrecipes.registry import Registry
 from convrecipes.schedulers import build_scheduler
 from convrecipes.trainers import TRAINERS, EarlyStopping, ModelCheckpoint, Trainer
 
@@ -56,9 +57,96 @@ class Experiment:
     num_parameters: int
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
-    """An ``Accelerator`` honouring the recipe's mixed precision (None: the launcher's)."""
-    return Accelerator(mixed_precision=recipe.trainer.mixed_precision)
+@dataclass
+class TrainerContext:
+    """What a trainer's recipe-side builder may need besides its params: the data's shape
+    and normalisation and the device."""
+
+    recipe: Recipe
+    num_classes: int
+    in_chans: int
+    image_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    device: Any
+
+
+#: Recipe-side builders per trainer name: ``builder(params, context) -> constructor kwargs``
+#: (e.g. a teacher named by a path becomes a module). Trainers never see recipes; a trainer
+#: without a builder takes its ``trainer.params`` as they are.
+TRAINER_BUILDERS: Registry[Callable[[dict[str, Any], TrainerContext], dict[str, Any]]] = Registry("trainer builder")
+
+
+@TRAINER_BUILDERS.register("distillation")
+def distillation_params(params: dict[str, Any], ctx: TrainerContext) -> dict[str, Any]:
+    """Load a teacher named by a run directory, a checkpoint or a timm name (or a list of
+    them: an ensemble), and fill in the student's batch shape and normalisation."""
+    from convrecipes.loading import load_teacher
+
+    params = dict(params)
+    teacher = params.get("teacher")
+    if teacher is None:
+        raise RecipeError("trainer 'distillation' needs a teacher: set trainer.params.teacher=<run directory or "
+                          ".safetensors written by `convrecipes train`, or a timm model name>")
+    if isinstance(teacher, (list, tuple)):
+        if not teacher:
+            raise RecipeError("trainer.params.teacher is an empty list; give one teacher or several for an ensemble")
+        params["teacher"] = [load_teacher(t, num_classes=ctx.num_classes) if isinstance(t, str) else t
+                             for t in teacher]
+    elif isinstance(teacher, str):
+        params["teacher"] = load_teacher(teacher, num_classes=ctx.num_classes)
+    params.setdefault("input_shape", (ctx.in_chans, *ctx.image_size))
+    params.setdefault("student_mean", list(ctx.mean))
+    params.setdefault("student_std", list(ctx.std))
+    return params
+
+
+def make_accelerator(recipe: Recipe, run_dir: Optional[Path] = None) -> Accelerator:
+    """An ``Accelerator`` for the recipe: its mixed precision (None: the launcher's), DDP's
+    ``find_unused_parameters`` and trackers (``trainer.log_with``, files in ``run_dir``)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    t = recipe.trainer
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if t.find_unused_parameters else []
+    log_with = tracker_names(t.log_with) if run_dir is not None else None  # lr-find/evaluate track nothing
+    return Accelerator(mixed_precision=t.mixed_precision, kwargs_handlers=handlers, log_with=log_with,
+                       project_dir=str(run_dir) if log_with else None)
+
+
+# Accelerate's tracker names and the package each needs.
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                     "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+
+
+def tracker_names(log_with: Any) -> Optional[list[str]]:
+    """``trainer.log_with`` (a name or a list) checked: known trackers whose package is installed."""
+    import importlib.util
+
+    from convrecipes.registry import did_you_mean
+
+    if not log_with:
+        return None
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    for name in names:
+        if name not in _TRACKER_PACKAGES:
+            raise RecipeError(f"unknown tracker {name!r}{did_you_mean(name, _TRACKER_PACKAGES)} (trainer.log_with); "
+                              f"valid: {', '.join(_TRACKER_PACKAGES)}")
+        if importlib.util.find_spec(_TRACKER_PACKAGES[name]) is None:
+            raise RecipeError(f"trainer.log_with={name} needs the {_TRACKER_PACKAGES[name]!r} package; install it "
+                              f"(pip install {_TRACKER_PACKAGES[name]}) or unset trainer.log_with")
+    return names
+
+
+def build_model(recipe: Recipe, in_chans: int, num_classes: int, pretrained: Optional[bool] = None) -> nn.Module:
+    """The recipe's model for ``in_chans``-channel images and ``num_classes`` (with the
+    embedding head its losses need)."""
+    m = recipe.model
+    needs_embeddings, head_factory = _loss_needs(recipe)
+    needs_embeddings = needs_embeddings or m.with_embeddings
+    return create_model(m.name, in_chans=in_chans, num_classes=num_classes, drop_rate=m.drop_rate,
+                        drop_path_rate=m.drop_path_rate, pretrained=m.pretrained if pretrained is None else pretrained,
+                        with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,
+                        head_factory=head_factory, **m.kwargs)
 
 
 def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -> Datasets:
@@ -97,16 +185,6 @@ def _loss_needs(recipe: Recipe) -> tuple[bool, Any]:
     return needs, head
 
 
-def _checked_kwargs(fn: Any, params: dict[str, Any], what: str, taken: tuple[str, ...]) -> dict[str, Any]:
-    sig = inspect.signature(fn)
-    valid = [k for k, p in sig.parameters.items()
-             if k not in taken and k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise RecipeError(f"unknown {what} param {unknown[0]!r}; valid params: {', '.join(valid) or '(none)'}")
-    return params
-
-
 def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Optional[Path] = None,
           datasets: Optional[Datasets] = None) -> Experiment:
     """Build data loaders, model, loss, optimizer, schedule, augmentation and trainer.
@@ -117,8 +195,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     if isinstance(recipe.optimizer.lr, str):
         raise RecipeError(f"optimizer.lr={recipe.optimizer.lr!r} must be resolved to a number before building: "
                           f"`convrecipes train` does it; in code call "
-                          f"convrecipes.lr_find_command.resolve_auto_lr(recipe, accelerator) first")
-    accelerator = accelerator or make_accelerator(recipe)
+                          f"convrecipes.lr_finder.resolve_auto_lr(recipe, accelerator) first")
+    accelerator = accelerator or make_accelerator(recipe, run_dir)
     if recipe.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     datasets = datasets or load_datasets(recipe)
@@ -152,12 +230,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     # model and loss (the loss decides whether the model must expose embeddings)
     set_seed(recipe.seed)  # identical initial weights on every process
     m = recipe.model
-    needs_embeddings, head_factory = _loss_needs(recipe)
-    needs_embeddings = needs_embeddings or m.with_embeddings
-    model = create_model(m.name, in_chans=channels, num_classes=num_classes, drop_rate=m.drop_rate,
-                         drop_path_rate=m.drop_path_rate, pretrained=m.pretrained,
-                         with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,
-                         head_factory=head_factory, **m.kwargs)
+    needs_embeddings = _loss_needs(recipe)[0] or m.with_embeddings
+    model = build_model(recipe, in_chans=channels, num_classes=num_classes)
     embedding_dim = None
     if needs_embeddings or m.embedding_dim is not None:
         embedding_dim = m.embedding_dim or model.backbone.num_features
@@ -198,13 +272,13 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping_patience))
     trainer_cls = TRAINERS.get(t.name)
-    params = _checked_kwargs(trainer_cls.__init__, dict(t.params), f"trainer {t.name!r}",
-                             taken=tuple(inspect.signature(Trainer.__init__).parameters))
-    if hasattr(trainer_cls, "resolve_recipe_params"):
-        # e.g. a distillation teacher named by a path or a timm name becomes an nn.Module
-        params = trainer_cls.resolve_recipe_params(params, num_classes=num_classes, in_chans=channels,
-                                                   image_size=(height, width), mean=a.mean, std=a.std,
-                                                   device=accelerator.device)
+    # the loop's own arguments come from the recipe's trainer section, not from its params
+    params = TRAINERS.check_params(t.name, dict(t.params), exclude=inspect.signature(Trainer.__init__).parameters,
+                                   key="trainer.params")
+    if t.name in TRAINER_BUILDERS:
+        ctx = TrainerContext(recipe, num_classes, channels, (height, width), list(a.mean), list(a.std),
+                             accelerator.device)
+        params = TRAINER_BUILDERS.get(t.name)(params, ctx)
     num_parameters = count_parameters(model)
     metadata = {
         "recipe": recipe_to_dict(recipe),
@@ -217,7 +291,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         model, optimizer, loss_fn, scheduler=scheduler, augment=augment, eval_transform=eval_transform,
         accelerator=accelerator, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, callbacks=callbacks, run_dir=run_dir, seed=recipe.seed,
-        channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata, **params,
+        channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata,
+        log_every_steps=t.log_every_steps, **params,
     )
     return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters)
 

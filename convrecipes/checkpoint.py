@@ -10,6 +10,7 @@ either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -173,3 +174,23 @@ def load_model_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tenso
             f"another architecture or number of classes — use the recipe the checkpoint was trained with"
         )
     model.load_state_dict(weights)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): a location-free
+    fingerprint of its weights (e.g. a teacher's, recorded in a student's checkpoints)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

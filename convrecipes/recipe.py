@@ -106,6 +106,9 @@ class TrainerConfig:
     early_stopping_patience: Optional[int] = None
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: bool = True
+    find_unused_parameters: bool = False  # DDP: for steps that leave some parameters without gradient
+    log_with: Union[str, list[str], None] = None  # Accelerate trackers: tensorboard, wandb, mlflow, ... (in the run dir)
+    log_every_steps: int = 10  # per-step tracker logging (loss, LR) every N steps
     params: dict[str, Any] = field(default_factory=dict)  # the trainer's own arguments
 
 

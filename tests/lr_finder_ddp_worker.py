@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 
 from convrecipes.data.loader import InMemoryLoader
 from convrecipes.models import create_model
-from convrecipes.schedulers.lr_finder import find_lr
+from convrecipes.lr_finder import find_lr
 from convrecipes.trainers import SupervisedTrainer
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))

@@ -285,6 +285,8 @@ def test_unknown_preset_lists_the_valid_ones():
         _augment("medium", 1)
     message = str(info.value)
     assert "medium" in message and all(name in message for name in PRESETS)
+    with pytest.raises(RecipeError, match=r"did you mean 'strong'\?"):
+        _augment("strnog", 1)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,10 @@ def test_registered_names_and_bad_arguments():
         load_dataset("mnist", "train")
     with pytest.raises(DataError, match="valid splits: train, test"):
         load_dataset("digits", "validation")
+    with pytest.raises(DataError, match=r"unknown split 'tset' \(did you mean 'test'\?\)"):
+        load_dataset("digits", "tset")
+    with pytest.raises(UnknownNameError, match=r"did you mean 'digits'\?"):
+        load_dataset("digts", "train")
     with pytest.raises(DataError, match="channels must be 1"):
         load_dataset("digits", "train", channels=2)
     with pytest.raises(DataError, match="image_size must be a positive integer"):

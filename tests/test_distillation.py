@@ -27,13 +27,14 @@ from convrecipes.models import create_model
 from convrecipes.recipe import recipe_from_dict, recipe_to_dict
 from convrecipes.schedulers import CosineSchedule
 from convrecipes.trainers import TRAINERS, ModelCheckpoint
+from convrecipes.build import TrainerContext, distillation_params
+from convrecipes.checkpoint import weights_sha256
+from convrecipes.loading import load_teacher
 from convrecipes.trainers.distillation import (
     DistillationTrainer,
     FrozenTeacher,
     TeacherEnsemble,
     distillation_kl,
-    load_teacher,
-    weights_sha256,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -416,11 +417,12 @@ def test_recipe_builds_a_distillation_run_from_a_teacher_run_dir(tmp_path):
 
 # -- clear errors ---------------------------------------------------------------------------
 def test_clear_errors(tmp_path):
-    kw = dict(num_classes=10, in_chans=1, image_size=(8, 8), mean=[0.3], std=[0.3], device=torch.device("cpu"))
+    ctx = TrainerContext(None, num_classes=10, in_chans=1, image_size=(8, 8), mean=[0.3], std=[0.3],
+                         device=torch.device("cpu"))
     with pytest.raises(RecipeError, match="needs a teacher"):
-        DistillationTrainer.resolve_recipe_params({}, **kw)
-    with pytest.raises(CheckpointError, match="train the teacher first"):
-        DistillationTrainer.resolve_recipe_params({"teacher": str(tmp_path / "runs" / "missing")}, **kw)
+        distillation_params({}, ctx)
+    with pytest.raises(CheckpointError, match="no teacher directory or checkpoint .* train it first"):
+        distillation_params({"teacher": str(tmp_path / "runs" / "missing")}, ctx)
     _write_teacher_checkpoint(tmp_path / "t4.safetensors", num_classes=4)
     with pytest.raises(RecipeError, match="predicts 4 classes but the student has 10"):
         load_teacher(str(tmp_path / "t4.safetensors"), num_classes=10)
@@ -450,7 +452,7 @@ from accelerate import Accelerator
 from convrecipes.data.loader import ImageTensorDataset, InMemoryLoader
 from convrecipes.models import create_model
 from convrecipes.trainers import DistillationTrainer
-from convrecipes.trainers.distillation import weights_sha256
+from convrecipes.checkpoint import weights_sha256
 
 out = sys.argv[1]
 g = torch.Generator().manual_seed(0)

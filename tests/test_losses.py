@@ -607,15 +607,17 @@ def test_build_loss_single_and_composite():
 
 
 def test_build_loss_errors():
-    with pytest.raises(RecipeError, match=r"'alpa'.*valid params: alpha"):
+    with pytest.raises(RecipeError, match=r"'alpa' \(did you mean 'alpha'\?\) \(loss.params\); valid params: alpha"):
         build_loss({"name": "center", "params": {"alpa": 0.5}}, num_classes=3, embedding_dim=2)
+    with pytest.raises(RecipeError, match=r"'hinge' has no parameter 'num_classes'.*valid params: margin, squared"):
+        build_loss({"name": "hinge", "params": {"num_classes": 3}}, num_classes=3)
     with pytest.raises(UnknownNameError, match="angular_softmax, center, cross_entropy"):
         build_loss({"name": "focal"}, num_classes=3)
     with pytest.raises(RecipeError, match="embedding_dim"):
         build_loss({"name": "center"}, num_classes=3)
     with pytest.raises(RecipeError, match="mining"):
         build_loss({"name": "triplet", "params": {"mining": "hardest"}}, num_classes=3)
-    with pytest.raises(RecipeError, match="unknown key 'weigth'"):
+    with pytest.raises(RecipeError, match="unknown key 'weigth' \\(did you mean 'weight'\\?\\)"):
         build_loss({"name": "hinge", "weigth": 1.0}, num_classes=3)
     with pytest.raises(RecipeError, match="1..4"):
         build_loss({"name": "angular_softmax", "params": {"m": 6}}, num_classes=3)

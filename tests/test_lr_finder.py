@@ -24,7 +24,7 @@ from convrecipes.augment import build_augment
 from convrecipes.data.loader import InMemoryLoader
 from convrecipes.errors import DataError, RecipeError
 from convrecipes.schedulers import CosineSchedule
-from convrecipes.schedulers.lr_finder import (
+from convrecipes.lr_finder import (
     agreeing_rules,
     cyclic_max_index,
     debiased_ema,
@@ -410,7 +410,7 @@ def test_optimizer_lr_auto_trains_with_the_rule_for_its_schedule(tmp_path, capsy
     """An annealing schedule peaks at the top of the usable range (cyclic_max); any other
     trains with the consensus (the geometric mean of steepest, valley and min/10)."""
     from convrecipes.cli import main
-    from convrecipes.lr_find_command import auto_lr_rule
+    from convrecipes.lr_finder.command import auto_lr_rule
 
     assert auto_lr_rule(schedule) == rule
     assert {auto_lr_rule(n) for n in ("linear", "one_cycle")} == {"cyclic_max"}

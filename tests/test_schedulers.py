@@ -3,6 +3,7 @@ out here, warmup by hand, JSON state round trips for every registered schedule, 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -13,9 +14,13 @@ from torch.optim import lr_scheduler as torch_sched
 from convrecipes.errors import CheckpointError, RecipeError, UnknownNameError
 from convrecipes.schedulers import (
     SCHEDULES,
+    CosineSchedule,
+    CyclicSchedule,
+    ReduceOnPlateauSchedule,
     build_scheduler,
     one_cycle_lr,
     one_cycle_momentum,
+    schedule_params,
     triangular_cyclic_lr,
 )
 
@@ -385,6 +390,26 @@ def test_json_state_round_trip_continues_exactly(name, stop_at):
     assert before + after == reference
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "state", "lrs"),
+    [
+        # Written by the schedules before their constructors were shared (same format since).
+        ("cosine", {"min_lr_ratio": 0.1}, {"schedule": "cosine", "step": 17, "base_lrs": [0.1, 0.02]},
+         [0.0717785415001139, 0.01435570830002278]),
+        ("reduce_on_plateau", {"patience": 1, "cooldown": 1, "factor": 0.5},
+         {"schedule": "reduce_on_plateau", "step": 22, "base_lrs": [0.1, 0.02], "scale": 0.5, "num_bad_epochs": 0,
+          "cooldown_counter": 1, "epochs_seen": 4, "best": 0.9},
+         [0.05, 0.01]),
+    ],
+)
+def test_state_written_before_loads_unchanged(name, params, state, lrs):
+    opt = make_optimizer((0.3, 0.3))
+    sched = build_scheduler(name, opt, TOTAL, PER_EPOCH, warmup_steps=WARMUP, warmup_start_factor=0.1, **params)
+    sched.load_state_dict(json.loads(json.dumps(state)))
+    assert [g["lr"] for g in opt.param_groups] == lrs
+    assert sched.state_dict() == state
+
+
 def test_loading_another_schedules_state_is_a_checkpoint_error():
     _, cosine = _build("cosine")
     _, linear = _build("linear")
@@ -503,6 +528,47 @@ def test_unknown_param_names_it_and_lists_the_valid_ones():
         build_scheduler("cosine", make_optimizer(), 10, 5, min_lr=0.1)
     message = str(err.value)
     assert "'min_lr'" in message and "valid params: min_lr_ratio" in message
+
+
+def test_misspelt_param_gets_did_you_mean():
+    with pytest.raises(RecipeError) as err:
+        build_scheduler("cosine", make_optimizer(), 10, 5, min_lr_rati=0.1)
+    message = str(err.value)
+    assert "'min_lr_rati'" in message and "did you mean 'min_lr_ratio'" in message
+    assert "schedule.params" in message and "valid params: min_lr_ratio" in message
+
+
+def test_a_schedule_without_params_says_so():
+    with pytest.raises(RecipeError, match=r"no parameter 'gamma'.*valid params: \(none\)"):
+        build_scheduler("constant", make_optimizer(), 10, 5, gamma=0.1)
+
+
+def test_schedule_params_are_the_schedules_own_with_defaults():
+    assert {k: p.default for k, p in schedule_params("cosine").items()} == {"min_lr_ratio": 0.0}
+    assert schedule_params("constant") == {}
+    step = schedule_params("step")
+    assert list(step) == ["step_epochs", "gamma"]
+    assert step["step_epochs"].default is inspect.Parameter.empty and step["gamma"].default == 0.1
+    for name in SCHEDULES.names():  # the trainer's arguments are not recipe params
+        assert not set(schedule_params(name)) & {"optimizer", "total_steps", "steps_per_epoch", "warmup_steps",
+                                                 "warmup_start_factor"}
+    with pytest.raises(UnknownNameError, match="did you mean 'cosine'"):
+        schedule_params("cosin")
+
+
+def test_classes_construct_directly_like_build_scheduler():
+    opt, ref_opt = make_optimizer((0.1, 0.02)), make_optimizer((0.1, 0.02))
+    sched = CosineSchedule(opt, total_steps=30, steps_per_epoch=5, warmup_steps=3, min_lr_ratio=0.1)
+    ref = build_scheduler("cosine", ref_opt, 30, 5, warmup_steps=3, min_lr_ratio=0.1)
+    assert run(opt, sched, 31) == run(ref_opt, ref, 31)
+    plateau = ReduceOnPlateauSchedule(make_optimizer(), 100, None, 0, 0.0, patience=0)
+    assert (plateau.patience, plateau.best, plateau.get_last_lr()) == (0, None, [0.1])
+    # The signature shows the common arguments and the class's own keyword-only params.
+    params = inspect.signature(CyclicSchedule).parameters
+    assert list(params)[:5] == ["optimizer", "total_steps", "steps_per_epoch", "warmup_steps", "warmup_start_factor"]
+    assert params["max_lr"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match="max_lr"):
+        CyclicSchedule(make_optimizer(), 10, step_size_iters=2)
 
 
 def test_unknown_schedule_lists_the_names():

@@ -159,8 +159,8 @@ def test_resume_mid_epoch_is_bit_identical(blobs, tmp_path):
         if step == 9:  # mid-epoch 2 (6 optimizer steps per epoch), just after a checkpoint at step 8
             raise Stop
 
-    first.callbacks[0].on_step_end = lambda trainer, step, _cb=first.callbacks[0]: (
-        type(_cb).on_step_end(_cb, trainer, step), stop_at_step(trainer, step))
+    first.callbacks[0].on_step_end = lambda trainer, step, logs=None, _cb=first.callbacks[0]: (
+        type(_cb).on_step_end(_cb, trainer, step, logs), stop_at_step(trainer, step))
     with pytest.raises(Stop):
         first.fit(InMemoryLoader(blobs, 8, seed=1), val, epochs=3)
     torch.manual_seed(12345)  # the resumed run must not depend on the global RNG at start

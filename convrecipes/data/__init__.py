@@ -8,6 +8,7 @@ carve holdouts and small subsets.
 from convrecipes.data.datasets import DATASETS, load_dataset
 from convrecipes.data.loader import ImageTensorDataset, InMemoryLoader
 from convrecipes.data.pk_sampler import PKBatchSampler
+from convrecipes.data.semi_supervised import SemiSupervisedBatch, SemiSupervisedLoader
 from convrecipes.data.splits import stratified_split, subset_indices
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "ImageTensorDataset",
     "InMemoryLoader",
     "PKBatchSampler",
+    "SemiSupervisedBatch",
+    "SemiSupervisedLoader",
     "load_dataset",
     "stratified_split",
     "subset_indices",

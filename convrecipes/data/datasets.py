@@ -25,7 +25,7 @@ from convrecipes.data.image_folder import load_image_folder
 from convrecipes.data.loader import ImageTensorDataset
 from convrecipes.data.splits import stratified_split
 from convrecipes.errors import DataError
-from convrecipes.registry import Registry
+from convrecipes.registry import Registry, did_you_mean
 
 DatasetBuilder = Callable[..., ImageTensorDataset]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
@@ -69,7 +69,8 @@ def load_dataset(
     """
     builder = DATASETS.get(name)
     if split not in SPLITS:
-        raise DataError(f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(SPLITS)}")
+        raise DataError(f"unknown split {split!r}{did_you_mean(str(split), SPLITS)} for dataset {name!r}; "
+                        f"valid splits: {', '.join(SPLITS)}")
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1):
         raise DataError(f"image_size must be a positive integer, got {image_size!r}; e.g. data.image_size=32")
     if channels is not None and channels not in (1, 3):

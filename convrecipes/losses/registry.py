@@ -11,7 +11,6 @@ constructor takes them, so recipes never repeat them.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping, Sequence, Union
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from convrecipes.errors import RecipeError
 from convrecipes.losses.composite import WeightedSumLoss
 from convrecipes.models.output import ModelOutput
-from convrecipes.registry import Registry
+from convrecipes.registry import Registry, did_you_mean
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
 
@@ -85,15 +84,11 @@ def _term_module(term: Mapping[str, Any], num_classes: int, embedding_dim: int |
     if not isinstance(term.get("params") or {}, Mapping):
         raise RecipeError(f"loss {name!r}: params must be a mapping, got {term['params']!r}")
     params = dict(term.get("params") or {})
-    signature = inspect.signature(cls.__init__)
-    accepted = [p for p in signature.parameters if p != "self"]
-    for key in params:
-        if key not in accepted:
-            settable = [p for p in accepted if p not in _AUTO_ARGS]
-            raise RecipeError(
-                f"loss {name!r} has no parameter {key!r}; valid params: "
-                f"{', '.join(settable) if settable else '(none)'}"
-            )
+    accepted = LOSSES.params(name)
+    # The model fills these in; a recipe may still give them (checked against the model below).
+    filled = [key for key in _AUTO_ARGS if key in accepted]
+    LOSSES.check_params(name, {k: v for k, v in params.items() if k not in filled}, exclude=filled,
+                        key="loss.params")
     auto = {"num_classes": num_classes, "embedding_dim": embedding_dim}
     for key in _AUTO_ARGS:
         if key not in accepted:
@@ -154,7 +149,8 @@ def build_loss(
         for key in term:
             if key not in _TERM_KEYS:
                 raise RecipeError(
-                    f"loss {term['name']!r}: unknown key {key!r}; valid keys: {', '.join(_TERM_KEYS)}"
+                    f"loss {term['name']!r}: unknown key {key!r}{did_you_mean(key, _TERM_KEYS)}; valid keys: "
+                    f"{', '.join(_TERM_KEYS)}"
                 )
         weight = term.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):

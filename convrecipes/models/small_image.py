@@ -9,6 +9,7 @@ classifier and ``drop_path_rate`` is stochastic depth over the residual blocks.
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -17,6 +18,36 @@ from timm.layers import DropPath
 from timm.models import register_model
 
 __all__: list[str] = []  # filled by @register_model
+
+# Keys timm.create_model (1.0.x, timm/models/_factory.py) passes to every entrypoint for its
+# pretrained-weights machinery; ours have no weights, so the entrypoints drop them.
+TIMM_BOOKKEEPING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
+
+
+class ModelArgumentError(ValueError):
+    """A model constructor argument has a bad value; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check_int(param: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ModelArgumentError(param, f"{param} must be {what}, got {value!r}")
+
+
+def _check_rate(param: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise ModelArgumentError(param, f"{param} is a probability and must be in [0, 1), got {value!r}")
+
+
+def _check_common(in_chans: Any, num_classes: Any, width: Any, drop_rate: Any) -> None:
+    _check_int("in_chans", in_chans, 1)
+    _check_int("num_classes", num_classes, 0)
+    _check_int("width", width, 1)
+    _check_rate("drop_rate", drop_rate)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -51,11 +82,21 @@ class _ClassifierMixin:
 
 class TinyCNN(_ClassifierMixin, nn.Module):
     """Three VGG-style stages of two 3x3 conv-BN-ReLU layers, max-pooling between, global
-    average pooling. ``width=16`` has about 72K parameters for 1-channel input."""
+    average pooling. ``width=16`` has about 72K parameters for 1-channel input.
+
+    ``drop_path_rate`` is accepted for timm's interface but must be 0: there are no
+    residual paths to drop."""
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 16, drop_rate: float = 0.0,
-                 **_: Any) -> None:
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        _check_common(in_chans, num_classes, width, drop_rate)
+        if drop_path_rate:  # accepted (0) because convrecipes' create_model always passes it
+            raise ModelArgumentError(
+                "drop_path_rate",
+                f"tiny_cnn has no residual paths, so stochastic depth does not apply: drop_path_rate must be 0, "
+                f"got {drop_path_rate!r}; use small_resnet8/14/20/32 for stochastic depth",
+            )
         w = width
         self.features = nn.Sequential(
             _conv_bn_relu(in_chans, w), _conv_bn_relu(w, w), nn.MaxPool2d(2),
@@ -100,8 +141,11 @@ class SmallResNet(_ClassifierMixin, nn.Module):
     (w, 2w, 4w) with strides (1, 2, 2), global average pooling."""
 
     def __init__(self, depth: int, in_chans: int = 3, num_classes: int = 10, width: int = 16,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **_: Any) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
+        _check_int("depth", depth, 1)
+        _check_common(in_chans, num_classes, width, drop_rate)
+        _check_rate("drop_path_rate", drop_path_rate)
         widths = (width, 2 * width, 4 * width)
         self.stem = _conv_bn_relu(in_chans, width)
         rates = torch.linspace(0, drop_path_rate, 3 * depth).tolist()  # linear decay rule (Huang et al.)
@@ -129,41 +173,51 @@ class SmallResNet(_ClassifierMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _no_pretrained(name: str, pretrained: bool) -> None:
+# name -> (class, arguments the entrypoint fixes); convrecipes.models.create_model checks
+# model.kwargs against the class signature less these.
+MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "tiny_cnn": (TinyCNN, {}),
+    "small_resnet8": (SmallResNet, {"depth": 1}),
+    "small_resnet14": (SmallResNet, {"depth": 2}),
+    "small_resnet20": (SmallResNet, {"depth": 3}),
+    "small_resnet32": (SmallResNet, {"depth": 5}),
+}
+
+
+def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; set model.pretrained=false")
+        raise ModelArgumentError("pretrained", f"{name} has no pretrained weights; set model.pretrained=false")
+    for key in TIMM_BOOKKEEPING:
+        kwargs.pop(key, None)
+    cls, fixed = MODELS[name]
+    return cls(**fixed, **kwargs)
 
 
 @register_model
 def tiny_cnn(pretrained: bool = False, **kwargs: Any) -> TinyCNN:
     """Tiny VGG-style CNN (about 72K parameters at width 16, 1 channel)."""
-    _no_pretrained("tiny_cnn", pretrained)
-    return TinyCNN(**kwargs)
+    return _build("tiny_cnn", pretrained, kwargs)
 
 
 @register_model
 def small_resnet8(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
     """CIFAR-style ResNet-8 (1 block per stage)."""
-    _no_pretrained("small_resnet8", pretrained)
-    return SmallResNet(depth=1, **kwargs)
+    return _build("small_resnet8", pretrained, kwargs)
 
 
 @register_model
 def small_resnet14(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
     """CIFAR-style ResNet-14 (2 blocks per stage)."""
-    _no_pretrained("small_resnet14", pretrained)
-    return SmallResNet(depth=2, **kwargs)
+    return _build("small_resnet14", pretrained, kwargs)
 
 
 @register_model
 def small_resnet20(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
     """CIFAR-style ResNet-20 (3 blocks per stage)."""
-    _no_pretrained("small_resnet20", pretrained)
-    return SmallResNet(depth=3, **kwargs)
+    return _build("small_resnet20", pretrained, kwargs)
 
 
 @register_model
 def small_resnet32(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
     """CIFAR-style ResNet-32 (5 blocks per stage)."""
-    _no_pretrained("small_resnet32", pretrained)
-    return SmallResNet(depth=5, **kwargs)
+    return _build("small_resnet32", pretrained, kwargs)

@@ -1,7 +1,7 @@
 """Learning-rate schedules, stepped once per optimizer step (see ``schedules`` for the
 contract): ``build_scheduler(name, optimizer, total_steps, steps_per_epoch, ...)`` builds
-any name in ``SCHEDULES``; each formula is also a plain function. ``find_lr`` is the LR
-range test."""
+any name in ``SCHEDULES``; each formula is also a plain function. The LR range test lives
+in ``convrecipes.lr_finder``."""
 
 from convrecipes.schedulers.schedules import (
     SCHEDULES,
@@ -23,7 +23,6 @@ from convrecipes.schedulers.schedules import (
 from convrecipes.schedulers.cyclical import CyclicSchedule, triangular_cyclic_lr
 from convrecipes.schedulers.one_cycle import OneCycleSchedule, one_cycle_lr, one_cycle_momentum
 from convrecipes.schedulers.plateau import ReduceOnPlateauSchedule, plateau_is_better
-from convrecipes.schedulers.lr_finder import LRFinderResult, RepeatedLRFinderResult, find_lr, find_lr_repeated
 
 __all__ = [
     "SCHEDULES",
@@ -48,8 +47,4 @@ __all__ = [
     "one_cycle_lr",
     "one_cycle_momentum",
     "plateau_is_better",
-    "find_lr",
-    "find_lr_repeated",
-    "LRFinderResult",
-    "RepeatedLRFinderResult",
 ]

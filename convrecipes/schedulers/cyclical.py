@@ -17,7 +17,6 @@ cycle_momentum=False)``; momentum is not cycled here.
 from __future__ import annotations
 
 import math
-import torch
 
 from convrecipes.schedulers.schedules import (
     SCHEDULES,
@@ -78,13 +77,8 @@ class CyclicSchedule(LRSchedule):
 
     name = "cyclic"
 
-    def __init__(
+    def _setup(
         self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
         *,
         max_lr: float,
         base_lr: float | None = None,
@@ -93,7 +87,6 @@ class CyclicSchedule(LRSchedule):
         mode: str = "triangular",
         gamma: float = 1.0,
     ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
         name = self.name
         self._require_reference_lr()
         # None follows the first group's initial LR, also when a checkpoint restores it.
@@ -124,7 +117,6 @@ class CyclicSchedule(LRSchedule):
         self.gamma = _as_number(name, "gamma", gamma)
         if not 0.0 < self.gamma <= 1.0:
             raise _fail(name, f"gamma must be in (0, 1], got {self.gamma}", "use e.g. 0.99994 with mode=exp_range")
-        self._start()
 
     @property
     def base_lr(self) -> float:

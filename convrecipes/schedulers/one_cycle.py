@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from convrecipes.schedulers.schedules import SCHEDULES, LRSchedule, _as_choice, _as_number, _fail
+from convrecipes.schedulers.schedules import SCHEDULES, LRSchedule, _as_choice, _as_fraction, _as_number, _fail
 
 ANNEAL_STRATEGIES = ("cos", "linear")
 
@@ -124,13 +122,8 @@ class OneCycleSchedule(LRSchedule):
 
     name = "one_cycle"
 
-    def __init__(
+    def _setup(
         self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
         *,
         max_lr: float | None = None,
         pct_start: float = 0.3,
@@ -142,20 +135,15 @@ class OneCycleSchedule(LRSchedule):
         base_momentum: float = 0.85,
         max_momentum: float = 0.95,
     ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
         name = self.name
         self._require_reference_lr()
         # None follows the first group's initial LR, also when a checkpoint restores it.
         self._max_lr = None if max_lr is None else _as_number(name, "max_lr", max_lr)
         if self._max_lr is not None and self._max_lr <= 0:
             raise _fail(name, f"max_lr must be > 0, got {self._max_lr}", "take it from an LR range test")
-        self.pct_start = _as_number(name, "pct_start", pct_start)
-        if not 0.0 <= self.pct_start <= 1.0:
-            raise _fail(
-                name,
-                f"pct_start must be in [0, 1], got {self.pct_start}",
-                "use e.g. 0.3 (the fraction of steps spent rising to max_lr)",
-            )
+        self.pct_start = _as_fraction(
+            name, "pct_start", pct_start, "use e.g. 0.3 (the fraction of steps spent rising to max_lr)"
+        )
         _check_bool(name, "three_phase", three_phase)
         self.three_phase = three_phase
         if three_phase and self.pct_start > 0.5:
@@ -176,11 +164,11 @@ class OneCycleSchedule(LRSchedule):
         self.base_momentum = _as_number(name, "base_momentum", base_momentum)
         self.max_momentum = _as_number(name, "max_momentum", max_momentum)
         if cycle_momentum:
-            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+            if "momentum" not in self.optimizer.defaults and "betas" not in self.optimizer.defaults:
                 raise _fail(
                     name,
                     f"cycle_momentum needs an optimizer with momentum or betas, "
-                    f"and {type(optimizer).__name__} has neither",
+                    f"and {type(self.optimizer).__name__} has neither",
                     "set cycle_momentum=false or use SGD / Adam / AdamW",
                 )
             if not 0.0 <= self.base_momentum <= self.max_momentum < 1.0:
@@ -190,7 +178,6 @@ class OneCycleSchedule(LRSchedule):
                     f"max_momentum={self.max_momentum}",
                     "use e.g. base_momentum=0.85, max_momentum=0.95",
                 )
-        self._start()
 
     @property
     def max_lr(self) -> float:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from convrecipes.errors import CheckpointError, RecipeError
 from convrecipes.schedulers.schedules import SCHEDULES, LRSchedule, _as_choice, _as_int, _as_number, _fail
 
@@ -59,13 +57,8 @@ class ReduceOnPlateauSchedule(LRSchedule):
 
     name = "reduce_on_plateau"
 
-    def __init__(
+    def _setup(
         self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
         *,
         monitor: str = "val_loss",
         mode: str = "min",
@@ -76,7 +69,6 @@ class ReduceOnPlateauSchedule(LRSchedule):
         cooldown: int = 0,
         min_lr: float = 0.0,
     ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
         name = self.name
         if not isinstance(monitor, str) or not monitor:
             raise _fail(name, f"monitor must be a metric name, got {monitor!r}", "e.g. monitor=val_loss")
@@ -101,7 +93,6 @@ class ReduceOnPlateauSchedule(LRSchedule):
         self.num_bad_epochs = 0
         self.cooldown_counter = 0
         self.epochs_seen = 0
-        self._start()
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         return base_lr * self.scale

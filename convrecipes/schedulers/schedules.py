@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from convrecipes.errors import CheckpointError, RecipeError
-from convrecipes.registry import Registry
+from convrecipes.registry import Registry, check_params, signature_params
 
 SCHEDULES: Registry[type["LRSchedule"]] = Registry("schedule")
 
@@ -108,6 +108,14 @@ def _as_number(schedule: str, name: str, value: Any) -> float:
     return value
 
 
+def _as_fraction(schedule: str, name: str, value: Any, fix: str) -> float:
+    """A number in [0, 1]; ``fix`` says what to set instead."""
+    value = _as_number(schedule, name, value)
+    if not 0.0 <= value <= 1.0:
+        raise _fail(schedule, f"{name} must be in [0, 1], got {value}", fix)
+    return value
+
+
 def _as_int(schedule: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail(schedule, f"{name} must be an integer, got {value!r}", f"set {name} to an integer >= {minimum}")
@@ -156,10 +164,12 @@ def _set_group_value(group: dict[str, Any], key: str, value: float) -> None:
 class LRSchedule:
     """Base of every schedule: warmup, per-group scaling, stepping and JSON state.
 
-    A subclass sets its parameters, calls ``super().__init__`` and then ``self._start()``,
-    and defines ``_lr_at(t, base_lr)``: its LR at its own step ``t`` (counted from the end of
+    A subclass does not define ``__init__``: it declares its own recipe params once, as the
+    keyword-only signature of ``_setup(self, *, ...)`` (which validates and stores them), and
+    defines ``_lr_at(t, base_lr)``: its LR at its own step ``t`` (counted from the end of
     warmup) for a param group whose initial LR is ``base_lr``. It may define
-    ``_momentum_at(t)`` to drive momentum (or Adam's beta1) too.
+    ``_momentum_at(t)`` to drive momentum (or Adam's beta1) too. ``__init__`` checks the
+    common arguments, calls ``_setup(**params)`` and sets the LRs for step 0.
 
     Args:
         optimizer: the optimizer whose param groups' ``lr`` this sets.
@@ -168,9 +178,21 @@ class LRSchedule:
             given in epochs).
         warmup_steps: steps of linear warmup before the schedule starts.
         warmup_start_factor: the warmup's first LR as a fraction of the schedule's first LR.
+        **params: the schedule's own params, passed to ``_setup``.
     """
 
     name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The constructor is shared, so give each class the signature it really accepts
+        # (common arguments, then its ``_setup`` params) for help(), IDEs and inspect.
+        own = list(inspect.signature(cls._setup).parameters.values())[1:]  # without self
+        clash = {p.name for p in own} & set(_COMMON_ARGS)
+        if clash:
+            raise TypeError(f"{cls.__name__}._setup redefines the common argument(s) {sorted(clash)}")
+        common = list(inspect.signature(LRSchedule.__init__).parameters.values())[1:-1]  # less self, **params
+        cls.__signature__ = inspect.Signature([*common, *own])
 
     def __init__(
         self,
@@ -179,6 +201,7 @@ class LRSchedule:
         steps_per_epoch: int | None = None,
         warmup_steps: int = 0,
         warmup_start_factor: float = 0.0,
+        **params: Any,
     ) -> None:
         name = self.name
         self.total_steps = _as_int(name, "total_steps", total_steps, 1)
@@ -192,13 +215,9 @@ class LRSchedule:
                 f"warmup_steps ({self.warmup_steps}) must be less than total_steps ({self.total_steps})",
                 "lower warmup_steps or train for more steps",
             )
-        self.warmup_start_factor = _as_number(name, "warmup_start_factor", warmup_start_factor)
-        if not 0.0 <= self.warmup_start_factor <= 1.0:
-            raise _fail(
-                name,
-                f"warmup_start_factor must be in [0, 1], got {self.warmup_start_factor}",
-                "use a fraction of the first LR such as 0.0 or 0.1",
-            )
+        self.warmup_start_factor = _as_fraction(
+            name, "warmup_start_factor", warmup_start_factor, "use a fraction of the first LR such as 0.0 or 0.1"
+        )
         # The schedule proper runs after warmup, over the remaining steps.
         self.schedule_steps = self.total_steps - self.warmup_steps
         self.optimizer = optimizer
@@ -208,8 +227,15 @@ class LRSchedule:
         self.base_lrs: list[float] = [float(group["initial_lr"]) for group in optimizer.param_groups]
         self.last_step = 0
         self._last_lrs: list[float] = []
+        self._setup(**params)
+        # Like torch, construction already sets the LRs for step 0.
+        self._apply()
 
     # -- what subclasses define -------------------------------------------------------
+
+    def _setup(self) -> None:
+        """Validate and store the schedule's own params; its keyword-only signature is the
+        schedule's recipe params (see ``schedule_params``). The base takes none."""
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         raise NotImplementedError
@@ -240,10 +266,6 @@ class LRSchedule:
                 "give the first param group a positive lr",
             )
         return ref
-
-    def _start(self) -> None:
-        """Set the LRs for step 0; subclasses call this at the end of ``__init__``."""
-        self._apply()
 
     def _apply(self) -> None:
         it = self.last_step
@@ -329,17 +351,6 @@ class ConstantSchedule(LRSchedule):
 
     name = "constant"
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
-    ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
-        self._start()
-
     def _lr_at(self, t: int, base_lr: float) -> float:
         return constant_lr(t, base_lr)
 
@@ -358,21 +369,8 @@ class CosineSchedule(LRSchedule):
 
     name = "cosine"
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
-        *,
-        min_lr_ratio: float = 0.0,
-    ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
-        self.min_lr_ratio = _as_number(self.name, "min_lr_ratio", min_lr_ratio)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise _fail(self.name, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}", "use e.g. 0.0 or 0.01")
-        self._start()
+    def _setup(self, *, min_lr_ratio: float = 0.0) -> None:
+        self.min_lr_ratio = _as_fraction(self.name, "min_lr_ratio", min_lr_ratio, "use e.g. 0.0 or 0.01")
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         return cosine_annealing_lr(t, self.schedule_steps, base_lr, self.min_lr_ratio * base_lr)
@@ -391,21 +389,10 @@ class LinearSchedule(LRSchedule):
 
     name = "linear"
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
-        *,
-        end_ratio: float = 0.0,
-    ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
+    def _setup(self, *, end_ratio: float = 0.0) -> None:
         self.end_ratio = _as_number(self.name, "end_ratio", end_ratio)
         if self.end_ratio < 0:
             raise _fail(self.name, f"end_ratio must be >= 0, got {self.end_ratio}", "use e.g. 0.0")
-        self._start()
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         return linear_decay_lr(t, self.schedule_steps, base_lr, self.end_ratio * base_lr)
@@ -432,21 +419,9 @@ class StepSchedule(LRSchedule):
 
     name = "step"
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
-        *,
-        step_epochs: float,
-        gamma: float = 0.1,
-    ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
+    def _setup(self, *, step_epochs: float, gamma: float = 0.1) -> None:
         self.step_size = _epochs_to_steps(self.name, "step_epochs", step_epochs, self.steps_per_epoch)
         self.gamma = _check_gamma(self.name, gamma)
-        self._start()
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         return step_decay_lr(t, self.step_size, base_lr, self.gamma)
@@ -466,18 +441,7 @@ class MultiStepSchedule(LRSchedule):
 
     name = "multistep"
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        steps_per_epoch: int | None = None,
-        warmup_steps: int = 0,
-        warmup_start_factor: float = 0.0,
-        *,
-        milestones_epochs: list[float],
-        gamma: float = 0.1,
-    ) -> None:
-        super().__init__(optimizer, total_steps, steps_per_epoch, warmup_steps, warmup_start_factor)
+    def _setup(self, *, milestones_epochs: list[float], gamma: float = 0.1) -> None:
         is_list = isinstance(milestones_epochs, Sequence) and not isinstance(milestones_epochs, (str, bytes))
         if not is_list or not milestones_epochs:
             raise _fail(
@@ -495,7 +459,6 @@ class MultiStepSchedule(LRSchedule):
                 "sort them and drop duplicates",
             )
         self.gamma = _check_gamma(self.name, gamma)
-        self._start()
 
     def _lr_at(self, t: int, base_lr: float) -> float:
         return multistep_decay_lr(t, self.milestones, base_lr, self.gamma)
@@ -506,10 +469,9 @@ class MultiStepSchedule(LRSchedule):
 
 
 def schedule_params(name: str) -> dict[str, inspect.Parameter]:
-    """The recipe params of schedule ``name`` (its keyword-only arguments), by name."""
-    cls = SCHEDULES.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The recipe params of schedule ``name`` (the keyword-only arguments of its ``_setup``),
+    by name; an unknown name raises listing the valid names."""
+    return signature_params(SCHEDULES.get(name)._setup)
 
 
 def build_scheduler(
@@ -531,26 +493,13 @@ def build_scheduler(
         warmup_steps: linear warmup steps before the schedule starts its own clock.
         warmup_start_factor: the warmup's first LR as a fraction of the schedule's first LR.
         **params: the schedule's own parameters; an unknown or missing one raises
-            ``RecipeError`` listing the valid ones.
+            ``RecipeError`` naming the closest valid one and listing them all.
 
     Returns:
         The schedule, with the optimizer's LRs already set for the first step.
     """
     cls = SCHEDULES.get(name)
-    valid = schedule_params(name)
-    listing = ", ".join(sorted(valid)) or "(none)"
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise RecipeError(
-            f"unknown param{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for schedule {name!r}; "
-            f"valid params: {listing}"
-        )
-    missing = sorted(k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in params)
-    if missing:
-        raise RecipeError(
-            f"schedule {name!r} needs {', '.join(map(repr, missing))}; set {' and '.join(missing)} "
-            f"(valid params: {listing})"
-        )
+    check_params(f"schedule {name!r}", params, schedule_params(name), key="schedule.params")
     return cls(
         optimizer,
         total_steps,

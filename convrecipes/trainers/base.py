@@ -1,14 +1,37 @@
-"""``Trainer``: the training loop, written once.
+"""``Trainer``: the training loop, written once, with named parts and two step modes.
 
-Subclasses change one thing, ``training_step(batch) -> StepOutput``. Everything else lives
-here: Accelerate (mixed precision, data parallel), gradient accumulation, clipping, weight
-EMA, per-optimizer-step scheduling, the NaN guard, callbacks, progress, metrics, and full
+A training algorithm changes the step, nothing else. Everything around it lives here:
+Accelerate (mixed precision, data parallel), gradient accumulation, clipping, weight EMA,
+per-step schedules, the NaN guard, callbacks, trackers, progress, metrics, and full
 training-state checkpoints with exact resume.
+
+Parts. A trainer holds named models, optimizers and schedules (``models=``,
+``optimizers=``, ``schedulers=``), prepared together by Accelerate. The common case, one of
+each, needs no names: ``Trainer(model, optimizer, loss_fn, scheduler=...)`` is the part
+``"model"``. The *primary* model is the one evaluated, EMA'd, checkpointed under
+``"model"`` and exported; every other part is checkpointed too. An optimizer's name is
+its part: ``step("teacher")`` clips every parameter of the ``"teacher"`` optimizer
+(models' and any loss or projection parameters in it), steps it and its schedule. Other
+state (a loss with parameters, a projection, a teacher's identity) is registered once with
+``register_state`` and then saved, restored and moved to the device by the base.
+
+Step modes. *Automatic* (the default): ``training_step(batch) -> StepOutput(loss, logs)``
+runs under autocast, and the base does the NaN check, backward (divided over the
+accumulation micro-batches, with DDP's gradient sync only on the last one) and steps every
+optimizer. *Manual* (``manual_steps = True``, e.g. Meta Pseudo Labels): ``training_step``
+calls ``self.backward(loss, part)`` and ``self.step(part)`` itself, in the order the
+algorithm needs, wrapping its forwards in ``self.autocast()``; gradient accumulation is
+refused (each ``step`` is one optimizer update).
+
+Batches. What a loader yields (``(images, targets)``, or named streams such as a
+``SemiSupervisedBatch``) goes to ``prepare_train_batch``, which the algorithm may
+override; the base never looks inside except to count samples (``StepOutput.batch_size``,
+else the first tensor's length).
 
 Exact resume: the data order of epoch ``e`` is a function of (seed, e), so a checkpoint
 needs only the position (epoch, batch within the epoch) plus the RNG states of every
-process (augmentation and dropout draw from torch's global generator). A run stopped after
-any optimizer step and resumed produces bit-identical weights on CPU.
+process (augmentation and dropout draw from torch's global generator) and the shared
+generator. A run stopped after any step and resumed produces bit-identical weights on CPU.
 """
 
 from __future__ import annotations
@@ -19,64 +42,115 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from convrecipes.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from convrecipes.data.loader import InMemoryLoader
-from convrecipes.errors import CheckpointError, NonFiniteLossError
+from convrecipes.data.loader import InMemoryLoader, is_epoch_loader
+from convrecipes.errors import CheckpointError, NonFiniteLossError, RecipeError
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
 from convrecipes.trainers.callbacks import Callback
 from convrecipes.trainers.metrics_log import append_jsonl, format_metrics, plot_curves, read_jsonl
 
+PRIMARY = "model"
+
 
 @dataclass
 class StepOutput:
-    """What ``training_step`` returns: the loss to backpropagate and 0-dim tensors to log."""
+    """What ``training_step`` returns: the loss (automatic mode: the one to backpropagate;
+    manual mode: the one to log as ``train_loss``), 0-dim tensors to log, and optionally the
+    number of samples the step trained on (default: the first tensor's length)."""
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_size: Optional[int] = None
+
+
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _scalar_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config flattened to ``a.b`` keys with scalar values (what trackers store)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_scalar_config(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif value is not None:
+            out[name] = str(value)
+    return out
 
 
 class Trainer:
     """The training loop. Construct it from plain objects; ``fit`` trains.
 
     Args:
-        model: any ``nn.Module`` mapping images to logits or to a ``ModelOutput``.
-        optimizer: a torch optimizer over the model's (and the loss's) parameters.
+        model: the primary model (images -> logits or ``ModelOutput``); or give ``models``.
+        optimizer: its optimizer (over the model's and the loss's parameters).
         loss_fn: ``loss_fn(output, targets)`` returning a tensor or a ``LossOutput``.
-        scheduler: stepped once per optimizer step (``step()``); its optional
+        scheduler: the optimizer's schedule, stepped once per optimizer step; its optional
             ``on_epoch_end(metrics)`` is called after each evaluation.
+        models: named models, e.g. ``{"student": s, "teacher": t}``; models with trainable
+            parameters are prepared by Accelerate (DDP), the others only moved to the device.
+        optimizers: named optimizers; the name is the part ``step(part)`` steps.
+        schedulers: named schedules, keyed like the optimizers they drive.
+        primary: which model is evaluated, EMA'd and checkpointed as ``"model"``.
         augment: ``augment(images_float01, targets) -> (images, targets)`` for training batches.
         eval_transform: the same call for evaluation batches (normalisation).
-        accelerator: an ``Accelerator``; if None one is made with ``mixed_precision``.
+        accelerator: an ``Accelerator``; if None one is made from ``mixed_precision``,
+            ``find_unused_parameters`` and ``log_with``.
         mixed_precision: "no", "fp16", "bf16", or None to let ``accelerate launch`` decide.
-        grad_accum_steps: micro-batches per optimizer step.
-        grad_clip: clip the global gradient norm to this value.
-        ema_decay: keep an exponential moving average of the weights (timm's ``ModelEmaV3``),
-            evaluated alongside the raw weights as ``ema_val_*``.
+        grad_accum_steps: micro-batches per optimizer step (automatic mode only).
+        grad_clip: clip each part's global gradient norm to this value (> 0).
+        ema_decay: keep an exponential moving average of the primary model's weights
+            (timm's ``ModelEmaV3``), evaluated alongside the raw weights as ``ema_val_*``.
         callbacks: ``Callback`` objects.
-        run_dir: where ``metrics.jsonl`` and ``curves.png`` go (None: nowhere).
-        seed: seeds torch on every process (different per process, for augmentation).
+        run_dir: where ``metrics.jsonl``, ``curves.png`` and tracker logs go (None: nowhere).
+        seed: seeds torch on every process (different per process, for augmentation) and
+            the shared generator (the same on every process).
         channels_last: use the channels-last memory format (faster convolutions on CPU and
             tensor cores).
         progress: show a progress bar (on the main process only).
         checkpoint_metadata: JSON-able facts stored in every checkpoint (e.g. the recipe).
+        find_unused_parameters: DDP's flag, for models whose steps leave some parameters
+            without gradient (branch dropping); used when the trainer makes the accelerator.
+        log_with: Accelerate tracker(s) ("tensorboard", "wandb", "mlflow", ...; needs
+            ``run_dir``); used when the trainer makes the accelerator.
+        log_every_steps: per-step tracker logging interval (loss and LR).
     """
+
+    #: True for algorithms whose ``training_step`` calls ``backward``/``step`` itself.
+    manual_steps: ClassVar[bool] = False
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: nn.Module,
+        model: Optional[nn.Module] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        loss_fn: Optional[nn.Module] = None,
         *,
         scheduler: Any = None,
+        models: Optional[Mapping[str, nn.Module]] = None,
+        optimizers: Optional[Mapping[str, torch.optim.Optimizer]] = None,
+        schedulers: Optional[Mapping[str, Any]] = None,
+        primary: Optional[str] = None,
         augment: Optional[nn.Module] = None,
         eval_transform: Optional[nn.Module] = None,
         accelerator: Optional[Accelerator] = None,
@@ -90,17 +164,52 @@ class Trainer:
         channels_last: bool = False,
         progress: bool = True,
         checkpoint_metadata: Optional[Mapping[str, Any]] = None,
+        find_unused_parameters: bool = False,
+        log_with: Optional[Union[str, Sequence[str]]] = None,
+        log_every_steps: int = 10,
     ) -> None:
-        if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-        self.accelerator = accelerator or Accelerator(mixed_precision=mixed_precision)
+        models, optimizers, schedulers, primary = self._named_parts(model, optimizer, scheduler, models, optimizers,
+                                                                    schedulers, primary)
+        if loss_fn is None:
+            raise ValueError("Trainer needs a loss_fn, e.g. torch.nn.CrossEntropyLoss()")
+        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise RecipeError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}")
+        if self.manual_steps and grad_accum_steps != 1:
+            raise RecipeError(f"{type(self).__name__} steps its optimizers inside training_step (manual mode), so "
+                              f"gradient accumulation is not supported; set trainer.grad_accum_steps=1 (raise "
+                              f"data.batch_size instead)")
+        if grad_clip is not None and not grad_clip > 0:
+            raise RecipeError(f"grad_clip must be > 0 (a maximum gradient norm), got {grad_clip}; e.g. "
+                              f"trainer.grad_clip=1.0, or leave it unset for no clipping")
+        if not isinstance(log_every_steps, int) or log_every_steps < 1:
+            raise RecipeError(f"log_every_steps must be an integer >= 1, got {log_every_steps!r}")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if accelerator is None:
+            if log_with and self.run_dir is None:
+                raise RecipeError("log_with needs a run_dir for the tracker files")
+            handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+            accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers,
+                                      log_with=log_with or None,
+                                      project_dir=str(self.run_dir) if log_with else None)
+        self.accelerator = accelerator
         self.device = self.accelerator.device
         self.channels_last = channels_last
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.primary = primary
+
+        # Prepare every trainable model and every optimizer in one call, as Accelerate
+        # expects; a model without trainable parameters (a frozen teacher) cannot be
+        # wrapped in DDP and is only moved to the device.
+        raw_models = {name: (m.to(memory_format=torch.channels_last) if channels_last else m)
+                      for name, m in models.items()}
+        trainable = [n for n, m in raw_models.items() if any(p.requires_grad for p in m.parameters())]
+        prepared = self.accelerator.prepare(*(raw_models[n] for n in trainable), *optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.models: dict[str, nn.Module] = {}
+        for name, m in raw_models.items():
+            self.models[name] = prepared[trainable.index(name)] if name in trainable else m.to(self.device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(zip(optimizers, prepared[len(trainable):]))
+        self.schedulers: dict[str, Any] = dict(schedulers)
         self.loss_fn = loss_fn.to(self.device)
-        self.scheduler = scheduler
         self.augment = augment.to(self.device) if augment is not None else None
         self.eval_transform = eval_transform.to(self.device) if eval_transform is not None else None
         self.grad_accum_steps = grad_accum_steps
@@ -109,14 +218,19 @@ class Trainer:
         if ema_decay is not None:
             from timm.utils import ModelEmaV3
 
-            # warmup: the effective decay ramps up, so short runs do not average in the random init
-            self.ema = ModelEmaV3(self.unwrapped_model, decay=ema_decay, use_warmup=True)
+            # warmup: the effective decay ramps up, so short runs do not average in the random
+            # init; stochastic rounding (bf16 EMA weights only) would draw from a private generator
+            self.ema = ModelEmaV3(self.unwrapped_model, decay=ema_decay, use_warmup=True, stochastic_rounding=False)
         self.callbacks = list(callbacks)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seed = seed
         self.progress = progress
+        self.log_every_steps = log_every_steps
         self.checkpoint_metadata = dict(checkpoint_metadata or {})
-        # position in training: the next epoch/batch to run and optimizer steps done
+        #: identical on every process and saved in checkpoints: for random choices that must
+        #: agree across ranks (a branch to train, a column to keep)
+        self.shared_generator = torch.Generator().manual_seed(int(seed))
+        self._registered: dict[str, Any] = {}
+        # position in training: the next epoch/batch to run and training steps done
         self.epoch = 0
         self.batch_in_epoch = 0
         self.global_step = 0
@@ -126,13 +240,139 @@ class Trainer:
         # running sums of the logged values over the epoch (device tensors: no host sync per step)
         self._epoch_sums: dict[str, torch.Tensor] = {}
         self._epoch_samples = 0
+        self._step_schedules = True
+        self._where = ""
 
-    # -- small conveniences -------------------------------------------------------
+    @staticmethod
+    def _named_parts(model: Any, optimizer: Any, scheduler: Any, models: Any, optimizers: Any, schedulers: Any,
+                     primary: Optional[str]) -> tuple[dict, dict, dict, str]:
+        if model is not None and models is not None:
+            raise ValueError("give either model= (one part) or models= (named parts), not both")
+        if model is not None:
+            if optimizers is not None or schedulers is not None:
+                raise ValueError("with model= give optimizer= and scheduler=; optimizers=/schedulers= go with models=")
+            if optimizer is None:
+                raise ValueError("Trainer(model, optimizer, loss_fn): the optimizer is missing")
+            models, optimizers = {PRIMARY: model}, {PRIMARY: optimizer}
+            schedulers = {PRIMARY: scheduler} if scheduler is not None else {}
+            primary = primary or PRIMARY
+        else:
+            if not models:
+                raise ValueError("Trainer needs a model (model=...) or named models (models={...})")
+            if optimizer is not None or scheduler is not None:
+                raise ValueError("with models= give optimizers= and schedulers= (dicts keyed by part name)")
+            models, optimizers, schedulers = dict(models), dict(optimizers or {}), dict(schedulers or {})
+            if not optimizers:
+                raise ValueError("Trainer needs at least one optimizer (optimizers={name: optimizer})")
+            primary = primary or next(iter(models))
+        if primary not in models:
+            raise ValueError(f"primary part {primary!r} is not among the models ({', '.join(models)})")
+        unknown = sorted(set(schedulers) - set(optimizers))
+        if unknown:
+            raise ValueError(f"schedule {unknown[0]!r} has no optimizer of that name ({', '.join(optimizers)})")
+        return models, optimizers, schedulers, primary
+
+    # -- parts ----------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The primary model (wrapped for DDP where it applies)."""
+        return self.models[self.primary]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The primary part's optimizer (the first one when the primary has none)."""
+        return self.optimizers.get(self.primary) or next(iter(self.optimizers.values()))
+
+    @property
+    def scheduler(self) -> Any:
+        """The primary optimizer's schedule, or None."""
+        return self.schedulers.get(self.resolve_part(None))
+
     @property
     def unwrapped_model(self) -> nn.Module:
-        """The model without DDP/compile wrappers."""
-        return self.accelerator.unwrap_model(self.model)
+        """The primary model without DDP/compile wrappers."""
+        return self.unwrap(self.primary)
 
+    def unwrap(self, name: str) -> nn.Module:
+        """Model ``name`` without DDP/compile wrappers."""
+        return self.accelerator.unwrap_model(self.models[name])
+
+    def resolve_part(self, part: Optional[str] = None) -> str:
+        """The optimizer part name for ``part`` (None: the primary model's, else the first)."""
+        if part is None:
+            return self.primary if self.primary in self.optimizers else next(iter(self.optimizers))
+        if part not in self.optimizers:
+            raise KeyError(f"no optimizer part {part!r}; parts: {', '.join(self.optimizers)}")
+        return part
+
+    def add_model(self, name: str, module: nn.Module) -> nn.Module:
+        """Add a model part after construction (e.g. a projection sized by a probe): moved to
+        the device, prepared for DDP if trainable, checkpointed under its name. Put its
+        parameters in an optimizer with ``add_param_group``. Returns the prepared module."""
+        if name in self.models:
+            raise ValueError(f"model part {name!r} exists already")
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if any(p.requires_grad for p in module.parameters()):
+            module = self.accelerator.prepare(module)
+        self.models[name] = module
+        return module
+
+    def add_param_group(self, params: Sequence[nn.Parameter], part: Optional[str] = None, **overrides: Any) -> None:
+        """Train ``params`` with optimizer ``part`` as one more param group with the first
+        group's settings (and ``overrides``), following that part's schedule."""
+        optimizer = self.optimizers[self.resolve_part(part)]
+        ref = optimizer.param_groups[0]
+        group = {k: v for k, v in ref.items() if k != "params"}
+        group.update(overrides)
+        group["params"] = list(params)
+        optimizer.add_param_group(group)
+        schedule = self.schedulers.get(self.resolve_part(part))
+        if schedule is not None:
+            if not hasattr(schedule, "sync_param_groups"):
+                raise TypeError(f"the schedule of part {part!r} ({type(schedule).__name__}) cannot take a new param "
+                                f"group; use a convrecipes schedule or build the optimizer with every group")
+            schedule.sync_param_groups()
+
+    def register_state(self, name: str, obj: Any) -> Any:
+        """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``) with
+        every checkpoint under ``name``; an ``nn.Module`` is also moved to the device.
+        Returns ``obj``."""
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"register_state({name!r}, ...) needs an object with state_dict/load_state_dict")
+        if name in self._registered:
+            raise ValueError(f"state {name!r} is registered already")
+        if isinstance(obj, nn.Module):
+            obj = obj.to(self.device)
+        self._registered[name] = obj
+        return obj
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module the trainer holds, by name: models, loss, augmentations, EMA, and
+        registered modules."""
+        out: dict[str, nn.Module] = {f"models.{k}": m for k, m in self.models.items()}
+        out["loss"] = self.loss_fn
+        for name, m in (("augment", self.augment), ("eval_transform", self.eval_transform),
+                        ("ema", self.ema)):
+            if m is not None:
+                out[name] = m
+        out.update({f"registered.{k}": v for k, v in self._registered.items() if isinstance(v, nn.Module)})
+        return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter of every optimizer and module, each once."""
+        seen: dict[int, nn.Parameter] = {}
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    seen.setdefault(id(p), p)
+        for module in self.modules().values():
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    # -- small conveniences -------------------------------------------------------
     @property
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
@@ -145,23 +385,21 @@ class Trainer:
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+    def current_lr(self, part: Optional[str] = None) -> float:
+        """The first param group's LR of optimizer ``part`` (default: the primary's)."""
+        return float(self.optimizers[self.resolve_part(part)].param_groups[0]["lr"])
+
+    def autocast(self) -> Any:
+        """The accelerator's autocast context (manual-mode steps wrap their forwards in it)."""
+        return self.accelerator.autocast()
 
     # -- the one thing subclasses change ------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
-        """Loss of one augmented batch ``(images, targets)``; runs under autocast."""
+    def training_step(self, batch: Any) -> StepOutput:
+        """Loss of one prepared batch ``(images, targets)``; runs under autocast."""
         images, targets = batch
         output = self.model(images)
         loss = as_loss_output(self.loss_fn(output, targets))
         return StepOutput(loss.loss, {**loss.parts, **loss.stats} if len(loss.parts) > 1 or loss.stats else {})
-
-    def extra_state(self) -> dict[str, Any]:
-        """State a subclass adds to checkpoints (tensors allowed)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore ``extra_state``'s output."""
 
     # -- batches ------------------------------------------------------------------------
     def prepare_batch(self, images: torch.Tensor, targets: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +415,114 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
-    def _configure_loader(self, loader: Iterable) -> Iterable:
-        if isinstance(loader, InMemoryLoader):
+    def prepare_train_batch(self, batch: Any) -> Any:
+        """What the loader yielded -> what ``training_step`` takes. Default: ``(images,
+        targets)`` through ``prepare_batch``; algorithms with other streams override it."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"{type(self).__name__} trains on (images, targets) batches, but the loader yielded a "
+                            f"{type(batch).__name__}; a loader of several streams (e.g. SemiSupervisedLoader) needs a "
+                            f"trainer whose prepare_train_batch takes them (e.g. a semi-supervised trainer)")
+        images, targets = batch
+        return self.prepare_batch(images, targets, train=True)
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Samples in a prepared batch (the first tensor's length)."""
+        first = _first_tensor(batch)
+        return int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+    def configure_loader(self, loader: Iterable) -> Iterable:
+        """Shard a loader for this process (``EpochLoader``s in place; others through
+        Accelerate's ``prepare_data_loader``)."""
+        if is_epoch_loader(loader):
             loader.shard(self.accelerator.num_processes, self.accelerator.process_index, self.device)
             return loader
         return self.accelerator.prepare_data_loader(loader)
+
+    # -- the step -----------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, part: Optional[str] = None) -> None:
+        """NaN guard, then backward through the gradient scaler. ``part`` names the part
+        in the NaN message (manual mode calls this directly)."""
+        self._check_finite(loss, part)
+        self.accelerator.backward(loss)
+
+    def step(self, part: Optional[str] = None) -> None:
+        """One update of optimizer ``part`` (default: the primary's): unscale and clip every
+        parameter in it, step, zero its gradients, step its schedule (unless the scaler
+        skipped the step), and the loss's ``post_step`` when the loss trains with this part."""
+        name = self.resolve_part(part)
+        optimizer = self.optimizers[name]
+        if self.grad_clip is not None:
+            # per part: unscale only this optimizer's gradients (unscaling another part's
+            # twice in one iteration would corrupt them), then clip all of its parameters
+            self.accelerator.unscale_gradients(optimizer=optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule = self.schedulers.get(name)
+        if schedule is not None and self._step_schedules and not getattr(optimizer, "step_was_skipped", False):
+            schedule.step()
+        if name == self.resolve_part(None) and hasattr(self.loss_fn, "post_step"):
+            self.loss_fn.post_step()
+
+    def train_step(self, batches: Sequence[Any], step_schedules: bool = True) -> StepOutput:
+        """One training step on ``batches`` (raw loader items, one per accumulation
+        micro-batch), exactly as ``fit`` runs it: prepare, forward, NaN guard, backward,
+        optimizer and schedule steps, EMA, ``global_step + 1``. No callbacks are called.
+
+        Args:
+            batches: the step's micro-batches (manual mode: exactly one).
+            step_schedules: False leaves the learning rates to the caller (the LR finder).
+
+        Returns:
+            ``StepOutput`` with the step's sample-weighted mean loss and logs (detached) and
+            the number of samples.
+        """
+        if not batches:
+            raise ValueError("train_step needs at least one batch")
+        if self.manual_steps and len(batches) != 1:
+            raise ValueError(f"{type(self).__name__} takes one batch per step (manual mode, no accumulation)")
+        group = len(batches)
+        sums: dict[str, torch.Tensor] = {}
+        samples = 0
+        self._step_schedules = step_schedules
+        try:
+            for i, raw in enumerate(batches):
+                sync = contextlib.nullcontext() if i == group - 1 else self._no_sync()
+                with sync:
+                    batch = self.prepare_train_batch(raw)
+                    if self.manual_steps:
+                        out = self.training_step(batch)
+                    else:
+                        with self.accelerator.autocast():
+                            out = self.training_step(batch)
+                        self._check_finite(out.loss)
+                        self.accelerator.backward(out.loss / group)
+                n = out.batch_size if out.batch_size is not None else self.batch_size_of(batch)
+                samples += n
+                for key, value in {"train_loss": out.loss, **out.logs}.items():
+                    value = value.detach().double() * n
+                    sums[key] = sums[key] + value if key in sums else value
+            if not self.manual_steps:
+                for name in self.optimizers:
+                    self.step(name)
+        finally:
+            self._step_schedules = True
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_model, step=self.global_step)
+        means = {k: v / samples for k, v in sums.items()}
+        return StepOutput(means.pop("train_loss"), means, samples)
+
+    def _trainable_parts(self) -> list[str]:
+        return [n for n, m in self.models.items() if any(p.requires_grad for p in m.parameters())]
+
+    def _no_sync(self) -> contextlib.ExitStack:
+        """DDP's no_sync on every prepared model (accumulation micro-batches)."""
+        stack = contextlib.ExitStack()
+        for name in self._trainable_parts():
+            stack.enter_context(self.accelerator.no_sync(self.models[name]))
+        return stack
 
     # -- training -----------------------------------------------------------------------
     def fit(
@@ -196,51 +537,60 @@ class Trainer:
         Returns:
             The per-epoch metrics of this call.
         """
-        train_loader = self._configure_loader(train_loader)
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise RecipeError(f"epochs must be an integer >= 1, got {epochs!r}; e.g. trainer.epochs=10")
+        train_loader = self.configure_loader(train_loader)
         if val_loader is not None:
-            val_loader = self._configure_loader(val_loader)
+            val_loader = self.configure_loader(val_loader)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             self.print(f"resumed from {resume_from} at epoch {self.epoch + 1}, batch {self.batch_in_epoch}, "
-                       f"optimizer step {self.global_step}")
+                       f"step {self.global_step}")
         elif self.global_step == 0 and self.batch_in_epoch == 0 and self.epoch == 0:
             # seed once, at the start of training: a later fit() call continues the same stream
             set_seed(self.seed, device_specific=True)
         if self.run_dir is not None and self.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._init_trackers()
         for cb in self.callbacks:
             cb.on_fit_start(self)
         new_history = []
-        while self.epoch < epochs and not self.should_stop:
+        try:
+            while self.epoch < epochs and not self.should_stop:
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, self.epoch)
+                metrics = {"epoch": self.epoch + 1, **self._train_epoch(train_loader, epochs)}
+                if val_loader is not None:
+                    metrics.update(self.evaluate(val_loader, prefix="val_"))
+                    if self.ema is not None:
+                        metrics.update(self.evaluate(val_loader, model=self.ema.module, prefix="ema_val_"))
+                for schedule in self.schedulers.values():
+                    if hasattr(schedule, "on_epoch_end"):
+                        schedule.on_epoch_end(metrics)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._log_epoch(metrics, epochs)
+                new_history.append(metrics)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, metrics)
             for cb in self.callbacks:
-                cb.on_epoch_start(self, self.epoch)
-            metrics = {"epoch": self.epoch + 1, **self._train_epoch(train_loader, epochs)}
-            if val_loader is not None:
-                metrics.update(self.evaluate(val_loader, prefix="val_"))
-                if self.ema is not None:
-                    metrics.update(self.evaluate(val_loader, model=self.ema.module, prefix="ema_val_"))
-            if self.scheduler is not None and hasattr(self.scheduler, "on_epoch_end"):
-                self.scheduler.on_epoch_end(metrics)
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._log_epoch(metrics, epochs)
-            new_history.append(metrics)
-            for cb in self.callbacks:
-                cb.on_epoch_end(self, metrics)
-        for cb in self.callbacks:
-            cb.on_fit_end(self)
+                cb.on_fit_end(self)
+        finally:
+            self._finish_trackers()
         self._plot()
         return new_history
 
     def _train_epoch(self, loader: Iterable, epochs: int) -> dict[str, float]:
-        self.model.train()
+        for m in self.models.values():
+            m.train()
         self.loss_fn.train()
         start = self.batch_in_epoch
-        if isinstance(loader, InMemoryLoader):
+        epoch_loader = is_epoch_loader(loader)
+        if epoch_loader:
             loader.set_epoch(self.epoch, start_batch=start)
         elif start:
             loader = self.accelerator.skip_first_batches(loader, start)
-        n_batches = len(loader) + (start if not isinstance(loader, InMemoryLoader) else 0)  # type: ignore[arg-type]
+        n_batches = len(loader) + (start if not epoch_loader else 0)  # type: ignore[arg-type]
         if n_batches == 0:
             raise ValueError("the training loader yields no batches; lower data.batch_size or add data")
         if start == 0:
@@ -248,39 +598,34 @@ class Trainer:
         accum = self.grad_accum_steps
         bar = tqdm(total=n_batches, initial=start, desc=f"epoch {self.epoch + 1}/{epochs}", leave=False,
                    disable=not (self.progress and self.is_main_process), dynamic_ncols=True)
-        sums: dict[str, torch.Tensor] = {}
-        t0, samples_this_call, group_samples = time.perf_counter(), 0, 0
-        for b, (images, targets) in enumerate(loader, start=start):
+        t0, samples_this_call = time.perf_counter(), 0
+        pending: list[Any] = []
+        for b, raw in enumerate(loader, start=start):
+            pending.append(raw)
             group_start = (b // accum) * accum
-            group_size = min(accum, n_batches - group_start)
-            boundary = b + 1 - group_start == group_size
-            sync = contextlib.nullcontext() if boundary else self.accelerator.no_sync(self.model)
-            with sync:
-                images, targets = self.prepare_batch(images, targets, train=True)
-                with self.accelerator.autocast():
-                    out = self.training_step((images, targets))
-                self._check_finite(out.loss, b, n_batches)
-                self.accelerator.backward(out.loss / group_size)
-            n = images.shape[0]
-            samples_this_call += n
-            group_samples += n
-            for key, value in {"train_loss": out.loss, **out.logs}.items():
-                value = value.detach().double() * n
-                sums[key] = sums[key] + value if key in sums else value
-            if boundary:
-                self._optimizer_step()
-                self.batch_in_epoch = b + 1
-                # fold the running sums into the resumable per-epoch totals only at step
-                # boundaries, so a checkpoint taken here carries exactly what was trained
-                for key, value in sums.items():
-                    self._epoch_sums[key] = self._epoch_sums[key] + value if key in self._epoch_sums else value
-                self._epoch_samples += group_samples
-                sums, group_samples = {}, 0
-                for cb in self.callbacks:
-                    cb.on_step_end(self, self.global_step)
-                if bar.n % 10 == 0 or b + 1 == n_batches:
-                    bar.set_postfix(loss=f"{float(self._epoch_sums['train_loss']) / max(self._epoch_samples, 1):.4f}",
-                                    lr=f"{self.current_lr():.3g}", refresh=False)
+            if len(pending) < min(accum, n_batches - group_start):
+                bar.update(1)
+                continue
+            for cb in self.callbacks:
+                cb.on_step_start(self, self.global_step + 1)
+            self._where = f"epoch {self.epoch + 1}, batch {b + 1}/{n_batches}"
+            out = self.train_step(pending)
+            pending = []
+            self.batch_in_epoch = b + 1
+            samples_this_call += out.batch_size
+            # fold into the resumable per-epoch totals only at step boundaries, so a
+            # checkpoint taken here carries exactly what was trained
+            logs = {"train_loss": out.loss, **out.logs}
+            for key, value in logs.items():
+                value = value * out.batch_size
+                self._epoch_sums[key] = self._epoch_sums[key] + value if key in self._epoch_sums else value
+            self._epoch_samples += out.batch_size
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.global_step, logs)
+            self._log_step(logs)
+            if bar.n % 10 == 0 or b + 1 == n_batches:
+                bar.set_postfix(loss=f"{float(self._epoch_sums['train_loss']) / max(self._epoch_samples, 1):.4f}",
+                                lr=f"{self.current_lr():.3g}", refresh=False)
             bar.update(1)
         bar.close()
         elapsed = time.perf_counter() - t0
@@ -290,51 +635,67 @@ class Trainer:
         count = max(float(totals[0]), 1.0)
         metrics = {key: float(v) / count for key, v in zip(self._epoch_sums, totals[1:])}
         metrics["lr"] = self.current_lr()
+        for name in self.optimizers:
+            if name != self.resolve_part(None):
+                metrics[f"lr_{name}"] = self.current_lr(name)
         global_samples = samples_this_call * self.accelerator.num_processes
         metrics["images_per_s"] = global_samples / elapsed if elapsed > 0 else float("nan")
         metrics["train_time_s"] = elapsed
         return metrics
 
-    def _check_finite(self, loss: torch.Tensor, batch: int, n_batches: int) -> None:
+    def _check_finite(self, loss: torch.Tensor, part: Optional[str] = None) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
         if self.accelerator.num_processes > 1:  # every rank must stop together
             bad = self.accelerator.reduce(bad, "sum")
         if bad.item() > 0:
             where = self.last_checkpoint or "none written yet"
+            what = f"the {part} loss" if part else "the training loss"
             raise NonFiniteLossError(
-                f"the training loss became {float(loss.detach())} at epoch {self.epoch + 1}, batch {batch + 1}/"
-                f"{n_batches} (optimizer step {self.global_step + 1}); training stopped before this step, and the "
-                f"last good checkpoint is intact ({where}). Fix: lower the learning rate (optimizer.lr), clip "
-                f"gradients (trainer.grad_clip=1.0), or use bf16 instead of fp16."
+                f"{what} became {float(loss.detach())} at {self._where or f'epoch {self.epoch + 1}'} (step "
+                f"{self.global_step + 1}); training stopped before this step, and the last good checkpoint is "
+                f"intact ({where}). Fix: lower the learning rate (optimizer.lr), clip gradients "
+                f"(trainer.grad_clip=1.0), or use bf16 instead of fp16."
             )
 
     def _check_finite_weights(self) -> None:
         """Refuse to overwrite a good checkpoint with overflowed weights (the loss can still be
         finite for a step after a weight has become inf)."""
-        models = [self.unwrapped_model] + ([self.ema.module] if self.ema is not None else [])
-        for model in models:
+        models = {name: self.unwrap(name) for name in self.models}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        for part, model in models.items():
             for name, tensor in model.state_dict().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     where = self.last_checkpoint or "none written yet"
                     raise NonFiniteLossError(
-                        f"weight {name!r} became inf/nan by optimizer step {self.global_step} (epoch "
+                        f"weight {name!r} of {part!r} became inf/nan by step {self.global_step} (epoch "
                         f"{self.epoch + 1}); this state was not saved and the last good checkpoint is intact "
                         f"({where}). Fix: lower the learning rate (optimizer.lr), clip gradients "
                         f"(trainer.grad_clip=1.0), or use bf16 instead of fp16."
                     )
 
-    def _optimizer_step(self) -> None:
-        if self.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None and not self.accelerator.optimizer_step_was_skipped:
-            self.scheduler.step()
-        if hasattr(self.loss_fn, "post_step"):
-            self.loss_fn.post_step()
-        self.global_step += 1
-        if self.ema is not None:
-            self.ema.update(self.unwrapped_model, step=self.global_step)
+    # -- trackers -----------------------------------------------------------------------
+    def _init_trackers(self) -> None:
+        if not self.accelerator.log_with or self.accelerator.trackers:
+            return
+        name = self.run_dir.name if self.run_dir is not None else "convrecipes"
+        config = _scalar_config(self.checkpoint_metadata.get("recipe", {}))
+        self.accelerator.init_trackers(name, config=config or None)
+
+    def _log_step(self, logs: dict[str, torch.Tensor]) -> None:
+        if not self.accelerator.trackers or self.global_step % self.log_every_steps:
+            return
+        values = {f"step/{k}": float(v) for k, v in logs.items()}
+        for name in self.optimizers:
+            values["step/lr" if name == self.resolve_part(None) else f"step/lr_{name}"] = self.current_lr(name)
+        self.accelerator.log(values, step=self.global_step)
+
+    def _finish_trackers(self) -> None:
+        # not accelerator.end_training(): that also destroys the process group, which the
+        # caller may still need (evaluation after fit)
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -414,6 +775,9 @@ class Trainer:
         self.print(f"epoch {metrics['epoch']}/{epochs}  {format_metrics(metrics)}")
         if self.run_dir is not None and self.is_main_process:
             append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+        if self.accelerator.trackers:
+            self.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                 step=self.global_step)
 
     def _plot(self) -> None:
         if self.run_dir is None or not self.is_main_process:
@@ -422,19 +786,39 @@ class Trainer:
         if path.exists():  # includes epochs from before a resume
             plot_curves(read_jsonl(path), self.run_dir / "curves.png", title=self.run_dir.name)
 
+    # -- snapshots ----------------------------------------------------------------------
+    def snapshot(self) -> Any:
+        """An exact in-memory copy of the whole training state (collective); ``restore``
+        puts it back. See ``convrecipes.trainers.snapshot``."""
+        from convrecipes.trainers.snapshot import take_snapshot
+
+        return take_snapshot(self)
+
+    def restore(self, snapshot: Any) -> None:
+        """Put a ``snapshot()`` back: training continues bit-identically (collective)."""
+        from convrecipes.trainers.snapshot import restore_snapshot
+
+        restore_snapshot(self, snapshot)
+
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The full training state. Collective: every process must call it (RNG states are
-        gathered from all of them)."""
+        gathered from all of them).
+
+        The primary part keeps the keys ``model``/``optimizer``/``scheduler`` (what
+        evaluation, teachers and older checkpoints use); other parts are under ``parts``.
+        """
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rng_all = gather_object([rng]) if self.accelerator.num_processes > 1 else [rng]
+        main_opt = self.resolve_part(None)
         state: dict[str, Any] = {
             "model": self.unwrapped_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizers[main_opt].state_dict(),
             "loss": self.loss_fn.state_dict(),
             "rng": rng_all,
+            "shared_rng": self.shared_generator.get_state(),
             "progress": {
                 "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch,
@@ -444,12 +828,18 @@ class Trainer:
                 "num_processes": self.accelerator.num_processes,
             },
             "callbacks": {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
-            "extra": self.extra_state(),
+            "registered": {name: obj.state_dict() for name, obj in self._registered.items()},
+            "parts": {
+                # frozen models (a teacher) are inputs, not training state
+                "models": {n: self.unwrap(n).state_dict() for n in self._trainable_parts() if n != self.primary},
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items() if n != main_opt},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items() if n != main_opt},
+            },
         }
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
+        if main_opt in self.schedulers:
+            state["scheduler"] = self.schedulers[main_opt].state_dict()
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
@@ -489,21 +879,42 @@ class Trainer:
         return metadata
 
     def load_state_dict(self, state: dict[str, Any], source: Union[str, Path] = "<memory>") -> None:
-        """Restore ``state_dict()``'s output (model, EMA, optimizer, scheduler, loss, scaler,
-        callbacks, position and every process's RNG state)."""
+        """Restore ``state_dict()``'s output (every part, EMA, loss, registered state, scaler,
+        callbacks, position, the shared generator and every process's RNG state)."""
         path = source
+        main_opt = self.resolve_part(None)
+        parts = state.get("parts", {})
         try:
             load_model_weights(self.unwrapped_model, state["model"], path)
+            saved_models = parts.get("models", {})
+            expected = [n for n in self._trainable_parts() if n != self.primary]
+            if sorted(saved_models) != sorted(expected):
+                raise CheckpointError(f"{path} holds the model parts {sorted(saved_models) or 'none'} besides the "
+                                      f"primary, this trainer has {expected or 'none'}; resume with the trainer "
+                                      f"settings it was written with")
+            for name in expected:
+                load_model_weights(self.unwrap(name), saved_models[name], path)
             if self.ema is not None:
                 if "ema" not in state:
                     raise CheckpointError(f"{path} has no EMA weights; resume with trainer.ema_decay unset")
                 load_model_weights(self.ema.module, state["ema"], path)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizers[main_opt].load_state_dict(state["optimizer"])
+            for name, optimizer in self.optimizers.items():
+                if name != main_opt:
+                    optimizer.load_state_dict(parts["optimizers"][name])
             self.loss_fn.load_state_dict(state["loss"])
-            if self.scheduler is not None and "scheduler" in state:
-                self.scheduler.load_state_dict(state["scheduler"])
+            for name, schedule in self.schedulers.items():
+                saved = state.get("scheduler") if name == main_opt else parts.get("schedulers", {}).get(name)
+                if saved is not None:
+                    schedule.load_state_dict(saved)
             if self.accelerator.scaler is not None and "scaler" in state:
                 self.accelerator.scaler.load_state_dict(state["scaler"])
+            registered = state.get("registered", {})
+            for name, obj in self._registered.items():
+                if name not in registered:
+                    raise CheckpointError(f"{path} has no state {name!r}; resume with the trainer settings it was "
+                                          f"written with")
+                obj.load_state_dict(registered[name])
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {path} does not match this training set-up ({exc}); resume with "
                                   f"the same recipe it was written with") from None
@@ -513,11 +924,12 @@ class Trainer:
         self.global_step = progress["global_step"]
         self._epoch_sums = {k: torch.as_tensor(v).to(self.device) for k, v in progress["epoch_sums"].items()}
         self._epoch_samples = progress["epoch_samples"]
+        if "shared_rng" in state:
+            self.shared_generator.set_state(state["shared_rng"])
         for i, cb in enumerate(self.callbacks):
             key = f"{i}:{type(cb).__name__}"
             if key in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][key])
-        self.load_extra_state(state.get("extra", {}))
         rng_all = state["rng"]
         rank = self.accelerator.process_index
         if len(rng_all) == self.accelerator.num_processes:

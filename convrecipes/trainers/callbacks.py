@@ -38,8 +38,16 @@ class Callback:
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
         """Before each training epoch."""
 
-    def on_step_end(self, trainer: "Trainer", global_step: int) -> None:
-        """After each optimizer step (``global_step`` counts optimizer steps, from 1)."""
+    def on_step_start(self, trainer: "Trainer", global_step: int) -> None:
+        """Before each training step (``global_step`` is the number the step will have, from 1).
+
+        The step's batches are fetched but not yet augmented, so a choice made here (e.g.
+        with ``trainer.shared_generator``, identical on every process) applies to the step."""
+
+    def on_step_end(self, trainer: "Trainer", global_step: int, logs: Optional[dict[str, Any]] = None) -> None:
+        """After each training step (``global_step`` counts steps, from 1). ``logs`` holds
+        the step's logged values as 0-dim tensors: ``train_loss`` (the mean over the step's
+        samples) and whatever the algorithm logs; ``float()`` on one waits for the device."""
 
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         """After each epoch's training and evaluation, with that epoch's metrics."""
@@ -106,7 +114,7 @@ class ModelCheckpoint(Callback):
     def best_path(self) -> Path:
         return self.dirpath / "best.safetensors"
 
-    def on_step_end(self, trainer: "Trainer", global_step: int) -> None:
+    def on_step_end(self, trainer: "Trainer", global_step: int, logs: Optional[dict[str, Any]] = None) -> None:
         if self.every_n_steps and global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.last_path)
 

@@ -30,31 +30,33 @@ Design notes:
   passed to ``accelerator.prepare``: wrapping a module without trainable parameters in
   DistributedDataParallel raises, and a frozen net has no gradients to synchronise.
 - The teacher sees the student's augmented, normalised batch, adapted on the device to
-  what the teacher expects (``adapt_images``): un-normalised with the student's mean/std,
+  what the teacher expects (``FrozenTeacher.adapt``): un-normalised with the student's mean/std,
   channels repeated (1 -> 3) or averaged (3 -> 1), resized (area when shrinking, bilinear
   when enlarging) and normalised with the teacher's mean/std.
-- The hint projection is a trainable module outside the student (so the student's
-  checkpoint stays a plain model). Its parameters are added to the trainer's optimizer as
-  one more param group (following the LR schedule when the schedule keeps per-group
-  ``base_lrs``, as all of ours do), and it is passed through ``accelerator.prepare`` on
-  its own, so under DDP its gradients are averaged across processes like the student's;
-  its weights are stored through ``extra_state``. It is not covered by ``grad_clip``,
-  which the base loop applies to the student's parameters only.
+- The teacher is a frozen model part (``"teacher"``): on the device, never prepared,
+  never checkpointed (its identity and a fingerprint of its weights are, in the metadata,
+  and a resume with another teacher warns).
+- The hint projection is a trainable model part outside the student (so the student's
+  checkpoint stays a plain model): ``add_model("hint_projection", ...)`` prepares it (its
+  gradients are averaged across processes like the student's) and checkpoints it, and
+  ``add_param_group`` trains it with the student's optimizer and schedule, so
+  ``grad_clip`` covers it too.
+- Loading a teacher from a run directory, a checkpoint or a timm name is recipe-side code
+  (``convrecipes.loading.load_teacher``); this trainer takes modules or ``TeacherSpec``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convrecipes.errors import CheckpointError, RecipeError
+from convrecipes.checkpoint import weights_sha256
+from convrecipes.errors import RecipeError
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import logits_of
 from convrecipes.trainers.base import StepOutput, Trainer
@@ -65,11 +67,9 @@ __all__ = [
     "HintProjection",
     "TeacherEnsemble",
     "TeacherSpec",
-    "adapt_images",
+    "as_image_size",
     "distillation_kl",
     "hint_mse",
-    "load_teacher",
-    "weights_sha256",
 ]
 
 
@@ -102,41 +102,6 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl * (t * t)
 
 
-def adapt_images(
-    images: torch.Tensor,
-    *,
-    in_chans: Optional[int] = None,
-    image_size: Optional[tuple[int, int]] = None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-    target_mean: Optional[Sequence[float]] = None,
-    target_std: Optional[Sequence[float]] = None,
-) -> torch.Tensor:
-    """A normalised batch as another network expects it: channels, size and normalisation.
-
-    Steps, each skipped when not needed: un-normalise with ``mean``/``std`` (the batch's
-    own), convert channels (1 -> k: repeat; k -> 1: average), resize to ``image_size``
-    (``area`` when shrinking, i.e. box-filter averaging; ``bilinear`` with
-    ``align_corners=False`` when enlarging), normalise with ``target_mean``/``target_std``.
-    Normalisation is re-done only when both pairs are given and differ.
-
-    Args:
-        images: float ``(B, C, H, W)``.
-        in_chans: channels the target network expects (None: keep).
-        image_size: ``(H, W)`` it expects (None: keep).
-        mean, std: the batch's per-channel normalisation (``[0, 1]`` pixel units).
-        target_mean, target_std: the target network's.
-    """
-    renorm = _renormalises(mean, std, target_mean, target_std)
-    x = images
-    if renorm:
-        x = x * _channel_vector(std, x) + _channel_vector(mean, x)
-    x = _resize(_convert_channels(x, in_chans), image_size)
-    if renorm:
-        x = (x - _channel_vector(target_mean, x)) / _channel_vector(target_std, x)
-    return x
-
-
 def _renormalises(mean: Any, std: Any, target_mean: Any, target_std: Any) -> bool:
     """Whether both normalisations are known and differ."""
     if mean is None or std is None or target_mean is None or target_std is None:
@@ -167,15 +132,6 @@ def _resize(x: torch.Tensor, image_size: Optional[tuple[int, int]]) -> torch.Ten
     return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _channel_vector(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    v = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values, dtype=like.dtype,
-                        device=like.device).reshape(1, -1, 1, 1)
-    if v.shape[1] not in (1, like.shape[1]):
-        raise RecipeError(f"a mean/std with {v.shape[1]} values cannot normalise {like.shape[1]}-channel images; "
-                          f"give one value per channel")
-    return v
-
-
 def hint_mse(projected_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """FitNets hint loss: mean squared error between the projected student features and the
     teacher's, after pooling/resizing the student's to the teacher's shape."""
@@ -195,25 +151,6 @@ def hint_mse(projected_student: torch.Tensor, teacher_features: torch.Tensor) ->
     return F.mse_loss(s, t)
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): a location-free
-    fingerprint of a teacher's weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _first_conv_in_channels(module: nn.Module) -> Optional[int]:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -221,7 +158,8 @@ def _first_conv_in_channels(module: nn.Module) -> Optional[int]:
     return None
 
 
-def _as_size(value: Any, what: str) -> Optional[tuple[int, int]]:
+def as_image_size(value: Any, what: str) -> Optional[tuple[int, int]]:
+    """``None``, an int ``s`` (-> ``(s, s)``) or ``[H, W]`` as an ``(H, W)`` tuple."""
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -255,139 +193,18 @@ class TeacherSpec:
     in_chans: Optional[int] = None
 
 
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"teacher run directory {path} has no best.safetensors or last.safetensors; pass a "
-                              f"run directory written by `convrecipes train` (or one of its .safetensors files)")
-    if not path.is_file():
-        raise CheckpointError(f"no teacher checkpoint or run directory at {path}; train the teacher first (e.g. "
-                              f"`convrecipes train recipes/fashion_mnist.yaml`) and pass its run directory as "
-                              f"trainer.params.teacher=runs/<run>")
-    return path
-
-
-def _teacher_from_checkpoint(path: Path, num_classes: Optional[int]) -> TeacherSpec:
-    from convrecipes.checkpoint import load_checkpoint, load_model_weights
-    from convrecipes.losses import LOSSES
-    from convrecipes.models import count_parameters, create_model
-    from convrecipes.recipe import loss_terms, recipe_from_dict
-
-    file = _checkpoint_file(path)
-    state, meta = load_checkpoint(file)
-    if "recipe" not in meta or "classes" not in meta:
-        raise CheckpointError(f"teacher checkpoint {file} records no recipe; a teacher given by path must be written "
-                              f"by `convrecipes train` (for another network pass an nn.Module as the teacher)")
-    recipe = recipe_from_dict(meta["recipe"])
-    classes = list(meta["classes"])
-    if num_classes is not None and len(classes) != num_classes:
-        raise RecipeError(f"teacher {file} predicts {len(classes)} classes but the student has {num_classes}; "
-                          f"distil from a teacher trained on the same classes (same dataset)")
-    weights = state["model"]
-    in_chans = recipe.data.channels
-    if in_chans is None:  # native channels: read them off the stem convolution
-        in_chans = next((int(w.shape[1]) for w in weights.values() if w.dim() == 4), 3)
-    needs_embeddings, head_factory = False, None
-    for term in loss_terms(recipe.loss):
-        cls = LOSSES.get(term["name"])
-        needs_embeddings = needs_embeddings or bool(getattr(cls, "needs_embeddings", False))
-        head_factory = getattr(cls, "make_head", head_factory)
-    m = recipe.model
-    module = create_model(m.name, in_chans=in_chans, num_classes=len(classes), drop_rate=m.drop_rate,
-                          drop_path_rate=m.drop_path_rate, pretrained=False, with_embeddings=needs_embeddings,
-                          embedding_dim=m.embedding_dim, head_factory=head_factory, **m.kwargs)
-    load_model_weights(module, weights, file)
-    identity = {
-        "kind": "checkpoint",
-        "path": str(file.resolve()),
-        "sha256": _file_sha256(file),
-        "model": m.name,
-        "recipe": recipe.name,
-        "epoch": meta.get("epoch"),
-        "num_parameters": count_parameters(module),
-        "weights_sha256": weights_sha256(module),
-    }
-    image_size = _as_size(recipe.data.image_size, "teacher data.image_size")
-    return TeacherSpec(module, identity, recipe.augment.mean, recipe.augment.std, image_size, in_chans)
-
-
-def _teacher_from_timm(name: str, num_classes: Optional[int]) -> TeacherSpec:
-    import timm
-    from timm.models import get_pretrained_cfg
-
-    from convrecipes.models import count_parameters
-
-    try:  # the head size is known before any download for registry names
-        predicted = getattr(get_pretrained_cfg(name), "num_classes", None) if ":" not in name else None
-    except Exception:
-        predicted = None
-    mismatch_fix = (f"fine-tune it on your data first (`convrecipes train <recipe> model.name={name} "
-                    f"model.pretrained=true`) and pass that run directory as trainer.params.teacher")
-    if num_classes is not None and predicted is not None and predicted != num_classes:
-        raise RecipeError(f"timm's pretrained {name!r} predicts {predicted} classes but the student has "
-                          f"{num_classes}; {mismatch_fix}")
-    try:
-        module = timm.create_model(name, pretrained=True)
-    except Exception as exc:  # offline (huggingface_hub errors), no weights for this name, ...
-        raise RecipeError(f"could not load pretrained weights for the timm teacher {name!r} ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); a teacher by timm name needs pretrained "
-                          f"weights, downloaded once to the Hugging Face cache. Fix: run once on a machine with "
-                          f"internet (or copy its ~/.cache/huggingface), or train a teacher with `convrecipes train` "
-                          f"and pass its run directory") from None
-    if num_classes is not None and getattr(module, "num_classes", num_classes) != num_classes:
-        raise RecipeError(f"timm's pretrained {name!r} predicts {module.num_classes} classes but the student has "
-                          f"{num_classes}; {mismatch_fix}")
-    pcfg = getattr(module, "pretrained_cfg", {}) or {}
-    input_size = pcfg.get("input_size")
-    identity = {"kind": "timm", "name": name, "pretrained": True, "pretrained_tag": pcfg.get("tag"),
-                "num_parameters": count_parameters(module), "weights_sha256": weights_sha256(module)}
-    return TeacherSpec(module, identity,
-                       list(pcfg["mean"]) if "mean" in pcfg else None, list(pcfg["std"]) if "std" in pcfg else None,
-                       tuple(input_size[1:]) if input_size else None, input_size[0] if input_size else None)
-
-
-def load_teacher(spec: str, num_classes: Optional[int] = None) -> TeacherSpec:
-    """A teacher from a string: a ``convrecipes train`` run directory or ``.safetensors``
-    checkpoint, or a timm model name (with its pretrained weights).
-
-    A checkpoint teacher is rebuilt from the recipe recorded in its metadata
-    (``create_model``), its weights loaded with ``load_model_weights`` (``best.safetensors``
-    of a run directory, else ``last.safetensors``), and its normalisation taken from that
-    recipe's ``augment.mean``/``std``.
-
-    Args:
-        spec: the path or name.
-        num_classes: the student's number of classes, checked against the teacher's.
-
-    Raises:
-        CheckpointError: a missing or unreadable checkpoint.
-        RecipeError: a different number of classes, an unknown name, or pretrained weights
-            that cannot be downloaded.
-    """
-    path = Path(spec).expanduser()
-    looks_like_path = path.exists() or spec.endswith(".safetensors") or os.sep in spec or spec.startswith(".")
-    if looks_like_path and not spec.startswith(("hf-hub:", "hf_hub:")):
-        return _teacher_from_checkpoint(path, num_classes)
-    import timm
-
-    if timm.is_model(spec) or spec.startswith(("hf-hub:", "hf_hub:")):
-        return _teacher_from_timm(spec, num_classes)
-    raise RecipeError(f"teacher {spec!r} is neither an existing run directory / .safetensors checkpoint nor a timm "
-                      f"model name; pass the run directory of a trained teacher (trainer.params.teacher=runs/<run>)")
-
-
 def _as_teacher_spec(teacher: Any) -> TeacherSpec:
-    """One teacher, given as a path/name string, a ``TeacherSpec`` or an ``nn.Module``."""
+    """One teacher, given as a ``TeacherSpec`` or an ``nn.Module``."""
     if isinstance(teacher, str):
-        return load_teacher(teacher)
+        raise RecipeError(f"teacher {teacher!r} is a string; the trainer takes modules: load it with "
+                          f"convrecipes.loading.load_teacher({teacher!r}) (a run directory, a checkpoint or a timm "
+                          f"name), or name it in a recipe as trainer.params.teacher")
     if isinstance(teacher, TeacherSpec):
         return teacher
     if isinstance(teacher, nn.Module):
         return TeacherSpec(teacher, _module_identity(teacher))
-    raise RecipeError(f"teacher must be an nn.Module, a run directory / checkpoint path or a timm model name (or a "
-                      f"list of these for an ensemble), got {type(teacher).__name__}")
+    raise RecipeError(f"teacher must be an nn.Module or a TeacherSpec (or a list of these for an ensemble), got "
+                      f"{type(teacher).__name__}")
 
 
 def _module_identity(module: nn.Module) -> dict[str, Any]:
@@ -428,7 +245,7 @@ class FrozenTeacher(nn.Module):
         self.module = module
         module.requires_grad_(False)
         self.in_chans = in_chans if in_chans is not None else _first_conv_in_channels(module)
-        self.image_size = _as_size(image_size, "teacher_image_size")
+        self.image_size = as_image_size(image_size, "teacher_image_size")
         self.student_mean = None if student_mean is None else [float(v) for v in student_mean]
         self.student_std = None if student_std is None else [float(v) for v in student_std]
         self.teacher_mean = None if teacher_mean is None else [float(v) for v in teacher_mean]
@@ -545,9 +362,9 @@ class DistillationTrainer(Trainer):
 
     Args:
         model, optimizer, loss_fn: the student, its optimizer and the task loss (as ``Trainer``).
-        teacher: an ``nn.Module``, a ``TeacherSpec``, or a string for ``load_teacher`` (a
-            ``convrecipes train`` run directory / ``.safetensors``, or a timm model name);
-            or a list of these: an ensemble whose mean logits are the soft targets
+        teacher: an ``nn.Module`` or a ``TeacherSpec`` (``convrecipes.loading.load_teacher``
+            makes one from a run directory, a checkpoint or a timm model name); or a list
+            of these: an ensemble whose mean logits are the soft targets
             (``TeacherEnsemble``; hints need a single teacher).
         temperature: T of the soft targets.
         alpha: weight of the soft term; ``1 - alpha`` weighs the task loss.
@@ -571,7 +388,7 @@ class DistillationTrainer(Trainer):
         optimizer: torch.optim.Optimizer,
         loss_fn: nn.Module,
         *,
-        teacher: Union[nn.Module, str, TeacherSpec, Sequence[Union[nn.Module, str, TeacherSpec]]],
+        teacher: Union[nn.Module, TeacherSpec, Sequence[Union[nn.Module, TeacherSpec]]],
         temperature: float = 4.0,
         alpha: float = 0.9,
         teacher_mean: Optional[Sequence[float]] = None,
@@ -617,12 +434,11 @@ class DistillationTrainer(Trainer):
             spec.module, student_mean=student_mean, student_std=student_std,
             teacher_mean=teacher_mean if teacher_mean is not None else spec.mean,
             teacher_std=teacher_std if teacher_std is not None else spec.std,
-            image_size=_as_size(teacher_image_size, "teacher_image_size") or spec.image_size,
+            image_size=as_image_size(teacher_image_size, "teacher_image_size") or spec.image_size,
             in_chans=teacher_in_chans if teacher_in_chans is not None else spec.in_chans,
         ) for spec in specs]
-        self.teacher: nn.Module = (frozen[0] if len(frozen) == 1 else TeacherEnsemble(frozen)).to(self.device)
-        if self.channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
+        # a frozen part: on the device, never prepared for DDP, not checkpointed
+        self.teacher: nn.Module = self.add_model("teacher", frozen[0] if len(frozen) == 1 else TeacherEnsemble(frozen))
         if len(specs) == 1:
             self.teacher_identity = dict(specs[0].identity)
         else:
@@ -630,6 +446,7 @@ class DistillationTrainer(Trainer):
             combined = hashlib.sha256("|".join(m.get("weights_sha256", "") for m in members).encode()).hexdigest()
             self.teacher_identity = {"kind": "ensemble", "members": members, "weights_sha256": combined}
         self.checkpoint_metadata["teacher"] = self.teacher_identity
+        self.register_state("teacher_identity", _TeacherIdentity(self))
         self.checkpoint_metadata["distillation"] = {
             "temperature": self.temperature, "alpha": self.alpha,
             "hint_layers": list(self.hint_layers) if self.hint_layers else None, "hint_weight": self.hint_weight,
@@ -688,58 +505,12 @@ class DistillationTrainer(Trainer):
         if self.hint_layers is None:
             return
         s_feat, t_feat = self._features.pop("student"), self._features.pop("teacher")
-        projection = HintProjection(s_feat.shape[1:], t_feat.shape[1:]).to(self.device)
-        self._add_param_group(list(projection.parameters()))
-        # a separate prepare: under DDP it is wrapped on its own and its gradients averaged
-        self.hint_projection = self.accelerator.prepare(projection)
-
-    def _add_param_group(self, params: list[nn.Parameter]) -> None:
-        """Optimise ``params`` with the first group's LR, following the schedule when it
-        keeps per-group ``base_lrs`` (ours and torch's do)."""
-        ref = self.optimizer.param_groups[0]
-        group: dict[str, Any] = {"params": params, "lr": ref["lr"],
-                                 "weight_decay": self.optimizer.defaults.get("weight_decay", 0.0)}
-        if "initial_lr" in ref:
-            group["initial_lr"] = ref["initial_lr"]
-        self.optimizer.add_param_group(group)
-        base_lrs = getattr(self.scheduler, "base_lrs", None)
-        if isinstance(base_lrs, list) and len(base_lrs) == len(self.optimizer.param_groups) - 1:
-            base_lrs.append(float(group.get("initial_lr", group["lr"])))
-            for attr in ("_last_lrs", "_last_lr"):
-                last = getattr(self.scheduler, attr, None)
-                if isinstance(last, list) and len(last) == len(base_lrs) - 1:
-                    last.append(group["lr"])
-
-    # -- recipes --------------------------------------------------------------------------
-    @classmethod
-    def resolve_recipe_params(
-        cls, params: dict[str, Any], *, num_classes: int, in_chans: int, image_size: tuple[int, int],
-        mean: Sequence[float], std: Sequence[float], device: torch.device,
-    ) -> dict[str, Any]:
-        """Recipe params -> constructor args: load a teacher named by a string, fill in the
-        student's batch shape and normalisation."""
-        params = dict(params)
-        teacher = params.get("teacher")
-        if teacher is None:
-            raise RecipeError("trainer 'distillation' needs a teacher: set trainer.params.teacher=<run directory or "
-                              ".safetensors written by `convrecipes train`, or a timm model name>")
-        if isinstance(teacher, (list, tuple)):
-            if not teacher:
-                raise RecipeError("trainer.params.teacher is an empty list; give one teacher or several for an "
-                                  "ensemble")
-            specs = [load_teacher(t, num_classes=num_classes) if isinstance(t, str) else t for t in teacher]
-            for spec in specs:
-                if isinstance(spec, TeacherSpec):
-                    spec.module.to(device)
-            params["teacher"] = specs
-        elif isinstance(teacher, str):
-            spec = load_teacher(teacher, num_classes=num_classes)
-            spec.module.to(device)
-            params["teacher"] = spec
-        params.setdefault("input_shape", (in_chans, *image_size))
-        params.setdefault("student_mean", list(mean))
-        params.setdefault("student_std", list(std))
-        return params
+        projection = HintProjection(s_feat.shape[1:], t_feat.shape[1:])
+        # a model part of its own (prepared for DDP, checkpointed), trained by the student's
+        # optimizer and schedule; weight decay as the optimizer's default
+        self.hint_projection = self.add_model("hint_projection", projection)
+        self.add_param_group(list(projection.parameters()),
+                             weight_decay=self.optimizer.defaults.get("weight_decay", 0.0))
 
     # -- the step -------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> StepOutput:
@@ -770,24 +541,21 @@ class DistillationTrainer(Trainer):
             logs["hint"] = hint.detach()
         return StepOutput(loss, logs)
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"teacher": self.teacher_identity}
-        if self.hint_projection is not None:
-            state["hint_projection"] = self.accelerator.unwrap_model(self.hint_projection).state_dict()
-        return state
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        from convrecipes.checkpoint import load_model_weights
 
-        if self.hint_projection is not None:
-            if "hint_projection" not in state:
-                raise CheckpointError("the checkpoint has no hint projection (it was trained without hint_layers); "
-                                      "resume with the hint_layers it was trained with")
-            load_model_weights(self.accelerator.unwrap_model(self.hint_projection), state["hint_projection"],
-                               "the checkpoint's hint projection")
-        saved = (state.get("teacher") or {}).get("weights_sha256")
-        if saved is not None and saved != self.teacher_identity.get("weights_sha256"):
-            old = state["teacher"]
-            self.print(f"warning: resuming with another teacher than the checkpoint's "
-                       f"({old.get('path') or old.get('name') or old.get('class')})")
+class _TeacherIdentity:
+    """Registered state: the teacher's identity travels with each checkpoint, and resuming
+    with a different teacher warns."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.trainer.teacher_identity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        old = state.get("teacher") or {}
+        saved = old.get("weights_sha256")
+        if saved is not None and saved != self.trainer.teacher_identity.get("weights_sha256"):
+            self.trainer.print(f"warning: resuming with another teacher than the checkpoint's "
+                               f"({old.get('path') or old.get('name') or old.get('class')})")

@@ -1,7 +1,7 @@
 """``lr-find RECIPE [key=value ...]`` (the same as ``convrecipes lr-find``) and the
 ``optimizer.lr=auto`` resolution that ``convrecipes train`` runs before building a run.
 
-Both sweep the recipe's own trainer (``convrecipes.schedulers.lr_finder.find_lr``) on the
+Both sweep the recipe's own trainer (``convrecipes.lr_finder.find_lr``) on the
 recipe's training split, with the schedule replaced by a constant one (the sweep sets the
 LRs itself, and a cyclic schedule waiting for its bounds could not be built) and without
 checkpoints. Kept apart from ``cli.py``; nothing heavy is imported until a command runs.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from convrecipes.recipe import Recipe
-    from convrecipes.schedulers.lr_finder import LRFinderResult, RepeatedLRFinderResult
+    from convrecipes.lr_finder import LRFinderResult, RepeatedLRFinderResult
 
 # The rule `optimizer.lr=auto` trains with depends on the schedule (``auto_lr_rule``).
 # - A schedule that warms up to a peak and anneals to ~0 (cosine, linear, one-cycle) gets
@@ -80,26 +79,13 @@ def finder_recipe(recipe: "Recipe", seed: Optional[int] = None) -> "Recipe":
     return r
 
 
-def _shared_dir(default: str, explicit: Optional[str], accelerator: "Accelerator") -> Path:
-    """``explicit`` or ``default``, decided on the main process and shared with the others
-    (so a timestamp that ticks over between processes cannot split the output)."""
-    name = explicit or default
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        holder = [name]
-        broadcast_object_list(holder)
-        name = holder[0]
-    return Path(name)
-
-
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3g}" if value >= 1e-2 else f"{value:.2e}"
 
 
 def format_report(result: "RepeatedLRFinderResult", recipe_name: str, auto_rule: str = AUTO_LR_RULE) -> str:
     """The suggestions and their spread as a table (what ``lr-find`` prints)."""
-    from convrecipes.schedulers.lr_finder import LR_RULES, SUGGESTION_KEYS
+    from convrecipes.lr_finder import LR_RULES, SUGGESTION_KEYS
 
     first = result.runs[0]
     s = first.settings
@@ -140,13 +126,13 @@ def run_lr_find(args: argparse.Namespace) -> int:
     """Run ``lr-find`` with parsed ``args``; writes lr_find.json and lr_find.png. Returns 0."""
     from convrecipes.build import build, load_datasets, make_accelerator
     from convrecipes.errors import RecipeError
+    from convrecipes.lr_finder import find_lr_repeated
     from convrecipes.recipe import load_recipe
-    from convrecipes.schedulers.lr_finder import find_lr_repeated
+    from convrecipes.run import new_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     accelerator = make_accelerator(recipe)
-    default = str(Path(recipe.output_dir) / f"lr-find-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = _shared_dir(default, args.out, accelerator)
+    out = new_run_dir(recipe, accelerator, args.out, prefix="lr-find-")
     datasets = load_datasets(recipe)  # once: the seeds vary the weights, data order and augmentation
 
     def make(seed: int) -> tuple[Any, Any]:
@@ -195,7 +181,7 @@ def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optio
     """
     from convrecipes.build import build
     from convrecipes.errors import ConvrecipesError
-    from convrecipes.schedulers.lr_finder import find_lr
+    from convrecipes.lr_finder import find_lr
 
     o, s = recipe.optimizer, recipe.schedule
     if not isinstance(o.lr, str):

@@ -1,0 +1,229 @@
+"""The workflow a run goes through, shared by the CLI, the benchmarks and the examples.
+
+``train_recipe(recipe, run_dir)`` resolves ``optimizer.lr=auto``, builds the experiment,
+writes the resolved recipe, trains (or resumes), tests the final weights, the EMA weights
+and the best checkpoint, and writes ``results.json``. ``evaluate_run(run)`` tests a run's
+checkpoint again, with embedding metrics for models that expose embeddings. Both work in
+one process or under ``accelerate launch`` (call them on every process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from convrecipes.errors import CheckpointError
+from convrecipes.loading import find_checkpoint
+from convrecipes.recipe import Recipe
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class RunResult:
+    """What ``train_recipe`` did.
+
+    Attributes:
+        run_dir: the run directory.
+        results: the contents of ``results.json`` (test metrics of the final, EMA and best
+            weights, parameter count, batch, processes, wall time).
+        history: the per-epoch metrics of this call (a resumed run: the epochs it trained).
+        recipe: the resolved recipe (with the computed mean/std and a resolved ``auto`` LR).
+    """
+
+    run_dir: Path
+    results: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    recipe: Optional[Recipe] = None
+
+    @property
+    def test_top1(self) -> Optional[float]:
+        """Test top-1 of the final weights (None for datasets with unseen test classes)."""
+        return self.results.get("test_final", {}).get("test_top1")
+
+
+def shared_path(default: PathLike, accelerator: Any) -> Path:
+    """``default`` as decided on the main process, shared with the others (so a timestamp
+    that ticks over between processes cannot split a run in two)."""
+    name = str(default)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [name]
+        broadcast_object_list(holder)
+        name = holder[0]
+    return Path(name)
+
+
+def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] = None, prefix: str = "") -> Path:
+    """``explicit``, or ``<output_dir>/<prefix><name>-<timestamp>``, the same on every process."""
+    default = explicit or Path(recipe.output_dir) / f"{prefix}{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return shared_path(default, accelerator)
+
+
+def recipe_of_checkpoint(path: PathLike, prefer: str = "last") -> tuple[Recipe, Path]:
+    """The recipe recorded in a run's checkpoint, and that checkpoint (for ``--resume``)."""
+    from convrecipes.checkpoint import read_metadata
+    from convrecipes.recipe import recipe_from_dict
+
+    ckpt = find_checkpoint(path, prefer=prefer)
+    meta = read_metadata(ckpt)
+    if "recipe" not in meta:
+        raise CheckpointError(f"{ckpt} records no recipe; it needs a checkpoint written by `convrecipes train`")
+    return recipe_from_dict(meta["recipe"]), ckpt
+
+
+def _without_accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` less test top-1/top-5: for test classes unseen in training they are a meaningless ~0."""
+    return {k: v for k, v in metrics.items() if not k.startswith(("test_top1", "test_top5"))}
+
+
+def train_recipe(
+    recipe: Recipe,
+    run_dir: Optional[PathLike] = None,
+    *,
+    resume_from: Optional[PathLike] = None,
+    accelerator: Any = None,
+) -> RunResult:
+    """Train a recipe and test it; the whole ``convrecipes train`` workflow.
+
+    Args:
+        recipe: a validated recipe (``load_recipe``); ``optimizer.lr: auto`` is resolved
+            here by an LR range test.
+        run_dir: the run directory (default ``<output_dir>/<name>-<timestamp>``).
+        resume_from: a checkpoint (or run directory: its ``last.safetensors``) to continue
+            from; the run directory defaults to the checkpoint's.
+        accelerator: an ``Accelerator`` (default: made from the recipe).
+
+    Returns:
+        A ``RunResult``; ``results.json`` in the run directory holds the same results.
+    """
+    from convrecipes.build import build, make_accelerator
+    from convrecipes.data.datasets import has_unseen_test_classes
+    from convrecipes.recipe import dump_recipe
+
+    resume_ckpt = find_checkpoint(resume_from, prefer="last") if resume_from is not None else None
+    if run_dir is None and resume_ckpt is not None:
+        run_dir = resume_ckpt.parent
+    if run_dir is None:
+        from accelerate import PartialState
+
+        # named before the accelerator exists: its trackers write into it
+        run_dir = new_run_dir(recipe, PartialState())
+    run_dir = Path(run_dir)
+    accelerator = accelerator or make_accelerator(recipe, run_dir)
+    t0 = time.perf_counter()
+    if isinstance(recipe.optimizer.lr, str):  # "auto": the LR range test picks it (a resume reads the number)
+        from convrecipes.lr_finder.command import resolve_auto_lr
+
+        resolve_auto_lr(recipe, accelerator, run_dir)
+    exp = build(recipe, accelerator=accelerator, run_dir=run_dir)
+    trainer = exp.trainer
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.yaml")  # resolved, with the computed mean/std
+    ds = exp.datasets
+    trainer.print(
+        f"recipe {recipe.name}: {recipe.data.name} train {len(ds.train)} / val {len(ds.val) if ds.val else 0} / "
+        f"test {len(ds.test)} images of {tuple(ds.train.image_shape)}, {ds.num_classes} classes; model "
+        f"{recipe.model.name} with {exp.num_parameters:,} parameters; trainer {recipe.trainer.name}; global batch "
+        f"{exp.train_loader.batch_size} on {accelerator.num_processes} process(es), mixed precision "
+        f"{accelerator.mixed_precision}; run dir {run_dir}"
+    )
+    history = trainer.fit(exp.train_loader, exp.val_loader, epochs=recipe.trainer.epochs, resume_from=resume_ckpt)
+    results: dict[str, Any] = {"run_dir": str(run_dir), "num_parameters": exp.num_parameters,
+                               "global_batch_size": exp.train_loader.batch_size,
+                               "num_processes": accelerator.num_processes}
+    results["test_final"] = trainer.evaluate(exp.test_loader, prefix="test_")
+    if trainer.ema is not None:
+        results["test_final_ema"] = trainer.evaluate(exp.test_loader, model=trainer.ema.module, prefix="test_")
+    best = run_dir / "best.safetensors"
+    if best.is_file():
+        from convrecipes.checkpoint import load_checkpoint, load_model_weights
+
+        state, meta = load_checkpoint(best)
+        load_model_weights(trainer.unwrapped_model, state["model"], best)
+        results["best_epoch"] = meta.get("epoch")
+        results["test_best"] = trainer.evaluate(exp.test_loader, prefix="test_")
+    results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    if has_unseen_test_classes(recipe.data.name):
+        results["unseen_test_classes"] = True
+        for key in ("test_final", "test_final_ema", "test_best"):
+            if key in results:
+                results[key] = _without_accuracy(results[key])
+    if accelerator.is_main_process:
+        tmp = run_dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, run_dir / "results.json")
+    accelerator.wait_for_everyone()
+    return RunResult(run_dir, results, history, recipe)
+
+
+def evaluate_run(
+    run: PathLike,
+    weights: str = "best",
+    *,
+    ema: bool = False,
+    data_dir: Optional[str] = None,
+    plot: Optional[PathLike] = None,
+    accelerator: Any = None,
+) -> dict[str, Any]:
+    """Test a run's checkpoint on its recipe's test split.
+
+    Args:
+        run: a run directory or a checkpoint file.
+        weights: ``best`` or ``last`` (for a run directory).
+        ema: evaluate the EMA weights.
+        data_dir: where the dataset is, if not where training found it.
+        plot: a PNG path for a 2-D embedding plot (models with a 2-D embedding).
+        accelerator: an ``Accelerator`` (default: made from the recipe).
+
+    Returns:
+        ``{"checkpoint", "epoch", "dataset", "weights", "unseen_test_classes", test_* metrics}``;
+        models that expose embeddings add ``test_recall_at_1``, ``test_spread_*`` and
+        ``test_angle_*``.
+    """
+    from convrecipes.build import build_for_evaluation
+    from convrecipes.checkpoint import load_checkpoint, load_model_weights
+    from convrecipes.data.datasets import has_unseen_test_classes
+    from convrecipes.models import Classifier
+    from convrecipes.recipe import recipe_from_dict
+
+    ckpt = find_checkpoint(run, prefer=weights)
+    state, meta = load_checkpoint(ckpt)
+    if "recipe" not in meta:
+        raise CheckpointError(f"{ckpt} records no recipe; evaluate needs a checkpoint written by `convrecipes train`")
+    recipe = recipe_from_dict(meta["recipe"])
+    recipe.trainer.progress = False
+    if data_dir:
+        recipe.data.data_dir = data_dir
+    exp = build_for_evaluation(recipe, accelerator)
+    trainer = exp.trainer
+    chosen = state.get("ema") if ema else state["model"]
+    if chosen is None:
+        raise CheckpointError(f"{ckpt} has no EMA weights; drop --ema")
+    load_model_weights(trainer.unwrapped_model, chosen, ckpt)
+    trainer.loss_fn.load_state_dict(state["loss"])
+    metrics: dict[str, Any] = trainer.evaluate(exp.test_loader, prefix="test_")
+    unseen = has_unseen_test_classes(recipe.data.name)
+    if unseen:
+        metrics = _without_accuracy(metrics)
+    # a second pass over the test set only for models that expose embeddings
+    if isinstance(trainer.unwrapped_model, Classifier):
+        _, targets, embeddings = trainer.predict(exp.test_loader)
+        if embeddings is not None:
+            from convrecipes.embedding_metrics import angular_spread, recall_at_1, spread_ratio
+
+            metrics["test_recall_at_1"] = 100.0 * recall_at_1(embeddings, targets)
+            metrics.update({f"test_spread_{k}": float(v) for k, v in spread_ratio(embeddings, targets).items()})
+            metrics.update({f"test_angle_{k}": float(v) for k, v in angular_spread(embeddings, targets).items()})
+            if embeddings.shape[1] == 2 and plot and trainer.is_main_process:
+                from convrecipes.embedding_metrics import plot_embeddings_2d
+
+                plot_embeddings_2d(embeddings, targets, plot, class_names=meta.get("classes"))
+    return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "dataset": recipe.data.name,
+            "weights": "EMA" if ema else "raw", "unseen_test_classes": unseen, **metrics}
