@@ -199,7 +199,7 @@ def test_a_distillation_sweep_leaves_student_teacher_and_hint_head_as_they_were(
     assert not swept.teacher.training
     swept.fit(InMemoryLoader(ds, 16, seed=0), epochs=2)
     _assert_same(plain.state_dict()["model"], swept.state_dict()["model"], "student")
-    _assert_same(plain.state_dict()["extra"], swept.state_dict()["extra"], "hint projection")
+    _assert_same(plain.state_dict()["parts"], swept.state_dict()["parts"], "hint projection")
     _assert_same(plain.state_dict()["optimizer"], swept.state_dict()["optimizer"], "optimizer")
 
 

@@ -310,3 +310,151 @@ def test_manual_mode_refuses_accumulation_with_a_clear_message():
     with pytest.raises(ValueError, match="gradient accumulation is not supported.*grad_accum_steps=1"):
         TwoPartTrainer(models={"a": a, "b": b}, optimizers={"a": opt_a, "b": opt_b}, loss_fn=nn.CrossEntropyLoss(),
                        grad_accum_steps=2)
+
+
+def test_find_lr_sweeps_a_named_part_and_leaves_no_trace():
+    ds = make_blobs_dataset(n=96)
+    plain, swept = _toy_trainer(), _toy_trainer()
+    result = find_lr(swept, InMemoryLoader(ds, 16, seed=5), num_iters=8, end_lr=1.0, part="a", progress=False)
+    assert result.settings["part"] == "a" and len(result.lrs) >= 2
+    plain.fit(InMemoryLoader(ds, 16, seed=5), epochs=1)
+    swept.fit(InMemoryLoader(ds, 16, seed=5), epochs=1)
+    for part in ("a", "b"):
+        for p, q in zip(plain.unwrap(part).parameters(), swept.unwrap(part).parameters()):
+            assert torch.equal(p, q), part
+    with pytest.raises(Exception, match="no optimizer part 'c'"):
+        find_lr(swept, InMemoryLoader(ds, 16, seed=5), num_iters=4, part="c")
+
+
+class _Recorder(Callback):
+    def __init__(self) -> None:
+        self.starts, self.ends, self.draws = [], [], []
+
+    def on_step_start(self, trainer, global_step):
+        self.starts.append(global_step)
+        self.draws.append(int(torch.randint(0, 1000, (1,), generator=trainer.shared_generator)))
+
+    def on_step_end(self, trainer, global_step, logs=None):
+        self.ends.append((global_step, sorted(logs), float(logs["train_loss"])))
+
+
+def test_step_hooks_get_the_logs_and_the_shared_generator_resumes(tmp_path):
+    ds = make_blobs_dataset(n=96)
+    rec = _Recorder()
+    trainer = _toy_trainer(tmp_path / "a")
+    trainer.callbacks.append(rec)
+    trainer.fit(InMemoryLoader(ds, 16, seed=5), epochs=2)
+    assert rec.starts == list(range(1, 13)) and [e[0] for e in rec.ends] == rec.starts
+    assert rec.ends[0][1] == ["loss_a", "train_loss"]
+    # the step mean of train_loss, folded over the epoch, is the epoch's train_loss
+    epoch2 = [e[2] for e in rec.ends[6:]]
+    assert sum(epoch2) / 6 == pytest.approx(trainer.history[-1]["train_loss"], rel=1e-6)
+    # the generator is seeded by the trainer's seed and restored from checkpoints
+    resumed = _toy_trainer(tmp_path / "a")
+    resumed.load_checkpoint(tmp_path / "a" / "last.safetensors")
+    assert torch.equal(resumed.shared_generator.get_state(), trainer.shared_generator.get_state())
+    fresh = torch.Generator().manual_seed(3)
+    assert rec.draws == [int(torch.randint(0, 1000, (1,), generator=fresh)) for _ in range(12)]
+
+
+class _Counter:
+    """Registered state that is not a module."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def test_registered_state_is_saved_restored_and_required(tmp_path):
+    ds = make_blobs_dataset(n=96)
+    trainer = _toy_trainer(tmp_path / "r")
+    counter = trainer.register_state("counter", _Counter())
+    counter.n = 41
+    trainer.fit(InMemoryLoader(ds, 16, seed=5), epochs=1)
+    other = _toy_trainer()
+    restored = other.register_state("counter", _Counter())
+    other.load_checkpoint(tmp_path / "r" / "last.safetensors")
+    assert restored.n == 41
+    without = _toy_trainer()
+    without.register_state("missing", _Counter())
+    with pytest.raises(CheckpointError, match="has no state 'missing'"):
+        without.load_checkpoint(tmp_path / "r" / "last.safetensors")
+
+
+def test_find_unused_parameters_reaches_ddp_from_the_recipe():
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from convrecipes.build import make_accelerator
+
+    acc = make_accelerator(load_recipe("quickstart", ["trainer.find_unused_parameters=true"]))
+    handler = acc.ddp_handler
+    assert isinstance(handler, DistributedDataParallelKwargs) and handler.find_unused_parameters
+
+
+class _SemiSupervised(Trainer):
+    """Named streams: supervised CE on the labeled batch plus entropy minimisation on the
+    unlabeled one; the base never looks inside the batch."""
+
+    def prepare_train_batch(self, batch):
+        (xl, yl), (xu, _) = batch.labeled, batch.unlabeled
+        xl, yl = self.prepare_batch(xl, yl, train=True)
+        xu, _ = self.prepare_batch(xu, torch.zeros(len(xu), dtype=torch.long), train=True)
+        return xl, yl, xu
+
+    def training_step(self, batch):
+        xl, yl, xu = batch
+        ce = F.cross_entropy(self.model(xl), yl)
+        p = self.model(xu).softmax(1)
+        entropy = -(p * p.clamp_min(1e-8).log()).sum(1).mean()
+        return StepOutput(ce + 0.1 * entropy, {"entropy": entropy.detach()}, batch_size=len(xl))
+
+
+def _semi(run_dir):
+    from convrecipes.data.semi_supervised import SemiSupervisedLoader
+
+    ds = make_blobs_dataset(n=96)
+    unl = make_blobs_dataset(n=160, seed=1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = SemiSupervisedLoader(InMemoryLoader(ds, 16, seed=1), InMemoryLoader(unl, 32, seed=2))
+    callbacks = [ModelCheckpoint(run_dir, monitor=None, every_n_steps=4)] if run_dir is not None else []
+    trainer = _SemiSupervised(model, opt, nn.CrossEntropyLoss(), progress=False, run_dir=run_dir,
+                              callbacks=callbacks)
+    return trainer, loader
+
+
+def test_a_semi_supervised_stream_trains_and_resumes_exactly(tmp_path):
+    full, loader = _semi(tmp_path / "full")
+    full.fit(loader, epochs=2)
+    assert "entropy" in full.history[-1] and full.global_step == 12
+
+    class Stop(Exception):
+        pass
+
+    class StopAt(Callback):
+        def on_step_end(self, trainer, global_step, logs=None):
+            if global_step == 9:
+                raise Stop
+
+    cut, loader = _semi(tmp_path / "cut")
+    cut.callbacks.append(StopAt())
+    with pytest.raises(Stop):
+        cut.fit(loader, epochs=2)
+    resumed, loader = _semi(tmp_path / "cut")
+    resumed.fit(loader, epochs=2, resume_from=tmp_path / "cut" / "last.safetensors")
+    for p, q in zip(full.unwrapped_model.parameters(), resumed.unwrapped_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_stream_the_trainer_cannot_take_is_a_clear_error():
+    trainer, loader = _semi(None)
+    plain = Trainer(trainer.unwrapped_model, torch.optim.SGD(trainer.unwrapped_model.parameters(), lr=0.1),
+                    nn.CrossEntropyLoss(), progress=False)
+    with pytest.raises(TypeError, match="trains on \\(images, targets\\) batches.*SemiSupervisedBatch"):
+        plain.fit(loader, epochs=1)

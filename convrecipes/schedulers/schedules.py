@@ -299,6 +299,16 @@ class LRSchedule:
     def on_epoch_end(self, metrics: dict[str, float]) -> None:
         """Called by the trainer after each epoch's validation; only plateau schedules act."""
 
+    def sync_param_groups(self) -> None:
+        """Take in param groups added to the optimizer after construction (e.g. a projection
+        head sized by a probe): each new group is scaled from its own ``initial_lr`` (set
+        from its ``lr`` if absent) like the others, and gets the current step's LR."""
+        for group in self.optimizer.param_groups[len(self.base_lrs):]:
+            initial = group["lr"]
+            group.setdefault("initial_lr", float(initial) if isinstance(initial, torch.Tensor) else initial)
+            self.base_lrs.append(float(group["initial_lr"]))
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         """The LR of each param group as last set by this schedule."""
         return list(self._last_lrs)

@@ -418,7 +418,8 @@ class Trainer:
     def prepare_train_batch(self, batch: Any) -> Any:
         """What the loader yielded -> what ``training_step`` takes. Default: ``(images,
         targets)`` through ``prepare_batch``; algorithms with other streams override it."""
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
+                and all(isinstance(x, torch.Tensor) for x in batch)):
             raise TypeError(f"{type(self).__name__} trains on (images, targets) batches, but the loader yielded a "
                             f"{type(batch).__name__}; a loader of several streams (e.g. SemiSupervisedLoader) needs a "
                             f"trainer whose prepare_train_batch takes them (e.g. a semi-supervised trainer)")
