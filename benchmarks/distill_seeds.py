@@ -7,10 +7,16 @@ single models. Every run uses the same student, data, augmentation, schedule and
 trainer differs. Reports final-weights test accuracy per seed, the mean and range, the
 teacher's accuracy, and writes JSON.
 
-    OMP_NUM_THREADS=1 python benchmarks/distill_seeds.py --jobs 3    # about 2 h on 2 CPU cores
+    python benchmarks/distill_seeds.py --jobs 3    # about 2 h on 2 CPU cores
+    python benchmarks/distill_seeds.py --seeds 0 1 --jobs 2 --runs-dir /tmp/ds --out /tmp/ds.json \
+        --overrides trainer.epochs=2 data.subset_per_class=20       # a smoke test (a few minutes)
 
-Runs whose ``results.json`` exists under ``--runs-dir`` are reused, so an interrupted
-benchmark continues where it stopped.
+Every run is ``convrecipes.run.train_recipe`` called in this process, or with ``--jobs N``
+in N spawned processes of ``OMP_NUM_THREADS`` threads each (default 1); what a run prints
+goes to ``<runs-dir>/<run>.log``. Runs whose ``results.json`` exists under ``--runs-dir``
+are reused and runs with a ``last.safetensors`` but no ``results.json`` resume, so an
+interrupted benchmark continues where it stopped (``--overrides`` do not change a run
+that is reused or resumed: give another ``--runs-dir``).
 """
 
 from __future__ import annotations
@@ -19,31 +25,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from teacher_accuracy import teacher_accuracy, teacher_spec  # benchmarks/ is on sys.path when run as a script
-
-CLI = [sys.executable, "-m", "convrecipes.cli"]
+from _common import output_to, run_jobs, train_run  # benchmarks/ is on sys.path when run as a script
+from teacher_accuracy import teacher_accuracy, teacher_spec
 
 
 def train(recipe: str, run_dir: Path, overrides: list[str]) -> dict:
-    """Train with ``convrecipes train`` unless ``run_dir`` already holds a finished run."""
-    if not (run_dir / "results.json").is_file():
-        log = run_dir.with_suffix(".log")
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as fh:
-            done = subprocess.run(CLI + ["train", recipe, "trainer.progress=false", *overrides, "--run-dir", str(run_dir)],
-                                  stdout=fh, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{recipe} {overrides} failed; see {log}")
-    results = json.loads((run_dir / "results.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"run_dir": str(run_dir), "num_parameters": results["num_parameters"],
-            "test_top1": results["test_final"]["test_top1"], "val_top1": history[-1].get("val_top1"),
-            "wall_time_s": results["wall_time_s"]}
+    """Train ``recipe`` into ``run_dir`` (reused if finished, resumed if not); its row."""
+    with output_to(run_dir.with_suffix(".log")):
+        run = train_run(recipe, overrides, run_dir)
+    return {"run_dir": str(run_dir), "num_parameters": run.results["num_parameters"],
+            "test_top1": run.test_top1, "val_top1": run.history[-1].get("val_top1"),
+            "wall_time_s": run.results["wall_time_s"]}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -56,17 +50,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs-dir", default="runs/distill_seeds")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (set OMP_NUM_THREADS to cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings at once, in processes of OMP_NUM_THREADS threads (default 1)")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="key=value overrides for every run, e.g. trainer.epochs=2 for a smoke test")
     parser.add_argument("--out", default="benchmarks/results/distill_fashion_mnist_seeds.json")
     args = parser.parse_args()
     root = Path(args.runs_dir)
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        alone = list(pool.map(lambda s: train("fashion_mnist_student", root / f"student_seed{s}", [f"seed={s}"]),
-                              args.seeds))
-        teachers = [Path(r["run_dir"]).resolve() for r in alone]
-        spec = teacher_spec(teachers)
-        distilled = list(pool.map(lambda s: train("distill_fashion_mnist", root / f"distilled_seed{s}",
-                                                  [f"seed={s}", f"trainer.params.teacher={spec}"]), args.seeds))
+    alone = run_jobs(train, [("fashion_mnist_student", root / f"student_seed{s}", [*args.overrides, f"seed={s}"])
+                             for s in args.seeds], args.jobs)
+    teachers = [Path(r["run_dir"]).resolve() for r in alone]
+    spec = teacher_spec(teachers)
+    distilled = run_jobs(train, [("distill_fashion_mnist", root / f"distilled_seed{s}",
+                                  [*args.overrides, f"seed={s}", f"trainer.params.teacher={spec}"])
+                                 for s in args.seeds], args.jobs)
     teacher_top1 = teacher_accuracy(teachers)["test_top1"]
     a, d = summary(alone), summary(distilled)
     print(f"\nteacher: ensemble of the {len(teachers)} student-alone runs, test top-1 {teacher_top1:.2f}%")
@@ -76,7 +73,8 @@ def main() -> None:
     print(f"mean {a['mean']:>8.2f} {d['mean']:>11.2f} {d['mean'] - a['mean']:>+10.2f}")
     print(f"range alone [{a['min']:.2f}, {a['max']:.2f}], distilled [{d['min']:.2f}, {d['max']:.2f}]; "
           f"parameters {alone[0]['num_parameters']:,}")
-    out = {"seeds": args.seeds, "teacher": {"members": [str(t) for t in teachers], "test_top1": teacher_top1},
+    out = {"seeds": args.seeds, "overrides": args.overrides,
+           "teacher": {"members": [str(t) for t in teachers], "test_top1": teacher_top1},
            "student_alone": alone, "distilled": distilled, "student_alone_summary": a, "distilled_summary": d,
            "mean_difference": round(d["mean"] - a["mean"], 3)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

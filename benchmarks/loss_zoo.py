@@ -1,7 +1,7 @@
 """The loss zoo on Fashion-MNIST: same model (tiny_cnn, 72K parameters) and budget for each loss.
 
-Trains each `recipes/loss_*.yaml` with `convrecipes train`, evaluates the final weights with
-`convrecipes evaluate --json` (test accuracy, Recall@1 of test embeddings, within/between
+Trains each `recipes/loss_*.yaml` (``convrecipes.run.train_recipe``), evaluates the final
+weights (``evaluate_run``: test accuracy, Recall@1 of test embeddings, within/between
 spread ratio, largest within-class angle / smallest between-class angle), prints one table
 and writes JSON. Optionally draws the 2-D feature plots of the center-loss and SphereFace papers.
 
@@ -11,7 +11,13 @@ and writes JSON. Optionally draws the 2-D feature plots of the center-loss and S
     python benchmarks/loss_zoo.py --recipes glyphs_triplet_batch_hard glyphs_triplet_batch_all \
         --seeds 0 1 2 --jobs 2 --out benchmarks/results/triplet_mining_glyphs.json   # with OMP_NUM_THREADS=1
 
+    python benchmarks/loss_zoo.py --recipes loss_ce --overrides trainer.epochs=1 schedule.warmup_epochs=0 \
+        data.subset_per_class=20 --out /tmp/loss_zoo_smoke.json      # a smoke test (under a minute)
+
 With ``--seeds`` every recipe runs once per seed and the table ends with each recipe's mean.
+With ``--jobs N`` the trainings run N at a time, each in its own spawned process with
+``OMP_NUM_THREADS`` threads (default 1). What a training prints goes to ``<run>.log`` beside
+its (temporary) run directory; a failure shows the end of it.
 """
 
 from __future__ import annotations
@@ -20,37 +26,40 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _common import output_to, run_jobs, train_run  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT = ["loss_ce", "loss_label_smoothing", "loss_hinge", "loss_center", "loss_asoftmax", "loss_ce_triplet",
            "loss_triplet_batch_hard", "loss_triplet_batch_all"]
-CLI = [sys.executable, "-m", "convrecipes.cli"]
 
 
 def run_one(recipe: str, overrides: list[str], work: Path, plot_dir: Path | None, seed: int | None = None) -> dict:
+    """Train ``recipe`` into ``work`` and evaluate its last weights: one row of the table."""
+    from convrecipes.run import evaluate_run
+
     run_dir = work / (recipe if seed is None else f"{recipe}_seed{seed}")
     if seed is not None:
         overrides = [*overrides, f"seed={seed}"]
-    t0 = time.perf_counter()
-    train = subprocess.run(CLI + ["train", recipe, "trainer.progress=false", *overrides, "--run-dir", str(run_dir)],
-                           capture_output=True, text=True)
-    if train.returncode != 0:
-        raise RuntimeError(f"{recipe} failed:\n{train.stderr[-3000:]}")
-    wall = time.perf_counter() - t0
-    cmd = CLI + ["evaluate", str(run_dir), "--weights", "last", "--json"]
-    if plot_dir is not None:
-        cmd += ["--plot", str(plot_dir / f"{recipe}_features.png")]
-    ev = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    metrics = json.loads(ev.stdout.strip().splitlines()[-1])
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with output_to(run_dir.with_suffix(".log")):
+        t0 = time.perf_counter()
+        history = train_run(recipe, overrides, run_dir).history
+        wall = time.perf_counter() - t0
+        plot = plot_dir / f"{recipe}_features.png" if plot_dir is not None else None
+        metrics = evaluate_run(run_dir, "last", plot=plot)
     diverged = any(not (h["train_loss"] == h["train_loss"]) or h["train_loss"] > 1e3 for h in history)
+    shown = {k: v for k, v in metrics.items() if k not in ("checkpoint", "epoch", "dataset", "weights",
+                                                             "unseen_test_classes")}
     return {"recipe": recipe, "seed": seed, "wall_s": round(wall, 1), "train_loss_by_epoch": [h["train_loss"] for h in history],
-            "diverged": diverged, **{k: v for k, v in metrics.items() if k != "checkpoint"}}
+            "diverged": diverged, **shown}
+
+
+def report(row: dict) -> None:
+    seed_text = "" if row["seed"] is None else f" seed {row['seed']}"
+    print(f"{row['recipe']}{seed_text}: top-1 {row.get('test_top1', float('nan')):.2f}%  "
+          f"R@1 {row.get('test_recall_at_1', float('nan')):.2f}%  ({row['wall_s']:.0f} s)", flush=True)
 
 
 def main() -> None:
@@ -59,22 +68,17 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[])
     parser.add_argument("--plots", help="folder for 2-D feature plots (recipes with model.embedding_dim=2)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run every recipe once per seed (default: its own seed)")
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (set OMP_NUM_THREADS to cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings at once, in processes of OMP_NUM_THREADS threads (default 1)")
     parser.add_argument("--out", default="benchmarks/results/loss_zoo.json")
     args = parser.parse_args()
     plot_dir = Path(args.plots) if args.plots else None
     if plot_dir:
         plot_dir.mkdir(parents=True, exist_ok=True)
     runs = [(recipe, seed) for recipe in args.recipes for seed in (args.seeds or [None])]
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        def job(run: tuple[str, int | None]) -> dict:
-            row = run_one(run[0], args.overrides, Path(tmp), plot_dir, run[1])
-            seed_text = "" if run[1] is None else f" seed {run[1]}"
-            print(f"{run[0]}{seed_text}: top-1 {row.get('test_top1', float('nan')):.2f}%  R@1 {row.get('test_recall_at_1', float('nan')):.2f}%"
-                  f"  ({row['wall_s']:.0f} s)", flush=True)
-            return row
-
-        rows = list(pool.map(job, runs))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_jobs(run_one, [(recipe, args.overrides, Path(tmp), plot_dir, seed) for recipe, seed in runs],
+                        args.jobs, on_done=report)
     print(f"\n{'recipe':<26} {'seed':>4} {'top-1 %':>8} {'R@1 %':>7} {'spread':>7} {'angle ratio':>11} {'max within°':>11} "
           f"{'min between°':>12}")
     for r in rows:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from convrecipes.errors import CheckpointError
 
@@ -77,10 +77,8 @@ def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def save_checkpoint(path: PathLike, state: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``state`` (nested, with tensors) and JSON ``metadata`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def encode_checkpoint(state: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> bytes:
+    """``state`` (nested, with tensors) and JSON ``metadata`` as the bytes of a checkpoint."""
     skeleton, tensors = flatten_state(dict(state))
     header = {
         "format": FORMAT,
@@ -88,10 +86,45 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], metadata: Mapping[
         "state": json.dumps(skeleton),
         "metadata": json.dumps(dict(metadata or {})),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return save(tensors, metadata=header)
+
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path_for(path: PathLike) -> Path:
+    """Where ``write_atomic`` stages ``path`` (a hidden sibling named by the process id)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[Path]:
+    """Delete temp files a killed write left in ``folder`` (``.<name>.tmp-<pid>``); returns them."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_MARK}*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def write_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through one fsynced temp file and a rename: a crash (even
+    SIGKILL) leaves the old file or the new one, never a torn one. Every file gets the
+    same mode (0666 less the umask), whichever checkpoint it is.
+
+    Raises:
+        CheckpointError: the disk is full or the folder is not writable (the old file is intact).
+    """
+    path = Path(path)
+    tmp = temp_path_for(path)
     try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb") as fh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -99,10 +132,27 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any], metadata: Mapping[
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path} ({exc.strerror or exc}); the previous file is intact. Fix: free "
+                              f"disk space or make {path.parent} writable, then resume with --resume") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def save_checkpoint(path: PathLike, state: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state`` (nested, with tensors) and JSON ``metadata`` to ``path`` atomically."""
+    return write_atomic(path, encode_checkpoint(state, metadata))
+
+
+def model_weights_of(state: Mapping[str, Any], source: PathLike) -> Mapping[str, torch.Tensor]:
+    """The primary model's weights of a loaded checkpoint state, or a clear error."""
+    weights = state.get("model")
+    if not isinstance(weights, Mapping) or not weights:
+        raise CheckpointError(f"checkpoint {source} holds no model weights; use a checkpoint written by "
+                              f"`convrecipes train` (best.safetensors / last.safetensors of a run)")
+    return weights
 
 
 def read_metadata(path: PathLike) -> dict[str, Any]:

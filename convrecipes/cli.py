@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.recipe:
             raise ConvrecipesError("name a recipe (e.g. `convrecipes train recipes/quickstart.yaml`) or pass --resume RUN_DIR")
         recipe = load_recipe(args.recipe, args.overrides)
-    run = train_recipe(recipe, args.run_dir, resume_from=resume_ckpt)
+    run = train_recipe(recipe, args.run_dir, resume_from=resume_ckpt, overwrite=args.overwrite)
     results, run_dir = run.results, run.run_dir
     from accelerate import PartialState
 
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=0.05 trainer.epochs=3")
     train.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>)")
     train.add_argument("--resume", help="run directory or checkpoint to resume (continues to the recipe's epochs)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="--run-dir holds a run: move it aside to <dir>.old-<timestamp> and start afresh")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="test metrics of a run or checkpoint")
     ev.add_argument("run", help="run directory or .safetensors checkpoint")

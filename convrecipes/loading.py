@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import torch.nn as nn
 
-from convrecipes.checkpoint import file_sha256, load_checkpoint, load_model_weights, weights_sha256
+from convrecipes.checkpoint import file_sha256, load_checkpoint, load_model_weights, model_weights_of, weights_sha256
 from convrecipes.errors import CheckpointError, RecipeError
 from convrecipes.trainers.distillation import TeacherSpec, as_image_size
 
@@ -78,7 +78,7 @@ def load_run_model(path: PathLike, prefer: str = "best", num_classes: Optional[i
         needed = "the student has" if what == "teacher" else "the data has"
         raise RecipeError(f"{what} {file} predicts {len(classes)} classes but {needed} {num_classes}; use one "
                           f"trained on the same classes (same dataset)")
-    weights = state["model"]
+    weights = model_weights_of(state, file)
     in_chans = recipe.data.channels
     if in_chans is None:  # native channels: read them off the stem convolution
         in_chans = next((int(w.shape[1]) for w in weights.values() if w.dim() == 4), 3)

@@ -159,6 +159,9 @@ def load_recipe(name_or_path: Union[str, Path], overrides: typing.Sequence[str] 
     """Read a YAML recipe (following ``base:``), apply ``key=value`` overrides and validate it."""
     path = resolve_recipe_path(name_or_path)
     raw = _read_raw(path, chain=())
+    if not raw:
+        raise RecipeError(f"recipe file {path} is empty; write the recipe's sections in it (see recipes/quickstart.yaml) "
+                          f"or start from one with `base: quickstart`")
     raw["name"] = raw.get("name") or path.stem
     return recipe_from_dict(apply_overrides(raw, overrides))
 
@@ -195,11 +198,61 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    """Validate a nested dict into a ``Recipe``."""
+    """Validate a nested dict into a ``Recipe``: keys, types, names' shape and every
+    value's range, so nothing bad reaches training."""
     recipe = _to_dataclass(Recipe, raw, "")
     _validate_loss(recipe.loss)
     _validate_lr(recipe.optimizer)
+    _validate_ranges(recipe)
     return recipe
+
+
+# (key, test, what it must be, a good example): checked after the types
+_RANGES: list[tuple[str, Any, str, str]] = [
+    ("data.batch_size", lambda v: v >= 1, "an integer >= 1", "data.batch_size=128"),
+    ("data.eval_batch_size", lambda v: v >= 1, "an integer >= 1", "data.eval_batch_size=512"),
+    ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "data.val_fraction=0.1"),
+    ("data.subset_fraction", lambda v: v is None or 0.0 < v <= 1.0, "in (0, 1] or null", "data.subset_fraction=0.1"),
+    ("data.subset_per_class", lambda v: v is None or v >= 1, "an integer >= 1 or null", "data.subset_per_class=100"),
+    ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1 or null", "data.image_size=32"),
+    ("data.channels", lambda v: v in (None, 1, 3), "1, 3 or null", "data.channels=3"),
+    ("data.pk", lambda v: v is None or (len(v) == 2 and min(v) >= 1), "[P, K] with P, K >= 1 or null",
+     "data.pk=[8,4]"),
+    ("model.drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "model.drop_rate=0.1"),
+    ("model.drop_path_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "model.drop_path_rate=0.1"),
+    ("model.embedding_dim", lambda v: v is None or v >= 1, "an integer >= 1 or null", "model.embedding_dim=2"),
+    ("optimizer.lr", lambda v: isinstance(v, str) or v > 0, "a number > 0 or auto", "optimizer.lr=0.05"),
+    ("optimizer.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "optimizer.momentum=0.9"),
+    ("optimizer.weight_decay", lambda v: v >= 0.0, ">= 0", "optimizer.weight_decay=5e-4"),
+    ("optimizer.betas", lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)",
+     "optimizer.betas=[0.9,0.999]"),
+    ("optimizer.eps", lambda v: v > 0.0, "> 0", "optimizer.eps=1e-8"),
+    ("optimizer.reference_batch_size", lambda v: v >= 1, "an integer >= 1", "optimizer.reference_batch_size=256"),
+    ("schedule.warmup_epochs", lambda v: v >= 0.0, ">= 0", "schedule.warmup_epochs=1"),
+    ("schedule.warmup_start_factor", lambda v: 0.0 <= v <= 1.0, "in [0, 1]", "schedule.warmup_start_factor=0.1"),
+    ("augment.mix_prob", lambda v: 0.0 <= v <= 1.0, "in [0, 1]", "augment.mix_prob=1.0"),
+    ("augment.mixup_alpha", lambda v: v >= 0.0, ">= 0", "augment.mixup_alpha=0.2"),
+    ("augment.cutmix_alpha", lambda v: v >= 0.0, ">= 0", "augment.cutmix_alpha=1.0"),
+    ("augment.random_erasing", lambda v: v is None or 0.0 <= v <= 1.0, "in [0, 1] or null",
+     "augment.random_erasing=0.25"),
+    ("trainer.epochs", lambda v: v >= 1, "an integer >= 1", "trainer.epochs=10"),
+    ("trainer.grad_accum_steps", lambda v: v >= 1, "an integer >= 1", "trainer.grad_accum_steps=2"),
+    ("trainer.grad_clip", lambda v: v is None or v > 0.0, "a number > 0 or null", "trainer.grad_clip=1.0"),
+    ("trainer.ema_decay", lambda v: v is None or 0.0 < v < 1.0, "in (0, 1) or null", "trainer.ema_decay=0.999"),
+    ("trainer.checkpoint_every_steps", lambda v: v is None or v >= 1, "an integer >= 1 or null",
+     "trainer.checkpoint_every_steps=500"),
+    ("trainer.early_stopping_patience", lambda v: v is None or v >= 1, "an integer >= 1 or null",
+     "trainer.early_stopping_patience=5"),
+    ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1", "trainer.log_every_steps=10"),
+]
+
+
+def _validate_ranges(recipe: Recipe) -> None:
+    for key, ok, must, example in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if not ok(value):
+            raise RecipeError(f"recipe key {key!r} must be {must}, got {value!r}; e.g. {example}")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from convrecipes.errors import CheckpointError
+from convrecipes.errors import CheckpointError, ConvrecipesError
 from convrecipes.loading import find_checkpoint
 from convrecipes.recipe import Recipe
 
@@ -46,17 +46,21 @@ class RunResult:
         return self.results.get("test_final", {}).get("test_top1")
 
 
+def _from_main_process(value: str, state: Any) -> str:
+    """``value`` as the main process has it, on every process."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [value]
+        broadcast_object_list(holder)
+        value = holder[0]
+    return value
+
+
 def shared_path(default: PathLike, accelerator: Any) -> Path:
     """``default`` as decided on the main process, shared with the others (so a timestamp
     that ticks over between processes cannot split a run in two)."""
-    name = str(default)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        holder = [name]
-        broadcast_object_list(holder)
-        name = holder[0]
-    return Path(name)
+    return Path(_from_main_process(str(default), accelerator))
 
 
 def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] = None, prefix: str = "") -> Path:
@@ -77,6 +81,105 @@ def recipe_of_checkpoint(path: PathLike, prefer: str = "last") -> tuple[Recipe, 
     return recipe_from_dict(meta["recipe"]), ckpt
 
 
+class RunDirError(ConvrecipesError):
+    """A run directory that belongs to another run (finished, unfinished or running)."""
+
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunDirLock:
+    """``<run dir>/.lock`` held for a run's lifetime (main process only): a second training
+    into the same directory is refused while the first runs. A lock left by a crashed run
+    (its process is gone on this host) is taken over, not obeyed forever."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> "RunDirLock":
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                stale = other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1)))
+                if stale or not other:
+                    self.path.unlink(missing_ok=True)  # a crashed run's lock
+                    continue
+                raise RunDirError(f"run directory {self.path.parent} is in use by process {other.get('pid')} on "
+                                  f"{other.get('host')} (since {other.get('started')}); wait for it to finish or "
+                                  f"pick another --run-dir (if that process is gone, delete {self.path})") from None
+            except OSError as exc:
+                raise RunDirError(f"run directory {self.path.parent} is not writable ({exc.strerror or exc}); fix "
+                                  f"its permissions or pick another --run-dir") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise RunDirError(f"could not take the lock {self.path}; delete it if no run is using the directory")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+RUN_FILES = ("results.json", "last.safetensors", "best.safetensors", "metrics.jsonl")
+
+
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Optional[Path]:
+    """Refuse to start a new run in a directory that holds one, unless ``resume`` (continue
+    it) or ``overwrite`` (move it aside to ``<dir>.old-<timestamp>``, returned)."""
+    run_dir = Path(run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume or not found:
+        return None
+    if overwrite:
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        return aside
+    if "results.json" in found:
+        raise RunDirError(f"run directory {run_dir} holds a finished run (results.json); pick another --run-dir, or "
+                          f"pass --overwrite to move the old run aside")
+    raise RunDirError(f"run directory {run_dir} holds an unfinished run ({', '.join(found)}); continue it with "
+                      f"`convrecipes train --resume {run_dir}`, pick another --run-dir, or pass --overwrite to move "
+                      f"the old run aside")
+
+
+class _WallClock:
+    """Registered state: the run's wall time, summed over its resumes."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before, self.t0 = float(state["elapsed_s"]), time.perf_counter()
+
+
 def _without_accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` less test top-1/top-5: for test classes unseen in training they are a meaningless ~0."""
     return {k: v for k, v in metrics.items() if not k.startswith(("test_top1", "test_top5"))}
@@ -88,6 +191,7 @@ def train_recipe(
     *,
     resume_from: Optional[PathLike] = None,
     accelerator: Any = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train a recipe and test it; the whole ``convrecipes train`` workflow.
 
@@ -98,31 +202,63 @@ def train_recipe(
         resume_from: a checkpoint (or run directory: its ``last.safetensors``) to continue
             from; the run directory defaults to the checkpoint's.
         accelerator: an ``Accelerator`` (default: made from the recipe).
+        overwrite: move a run already in ``run_dir`` aside (``<dir>.old-<timestamp>``)
+            instead of refusing.
 
     Returns:
         A ``RunResult``; ``results.json`` in the run directory holds the same results.
+
+    Raises:
+        RunDirError: ``run_dir`` holds another run (and neither resume nor overwrite was
+            asked), is in use by a running training, or is not writable.
     """
-    from convrecipes.build import build, make_accelerator
-    from convrecipes.data.datasets import has_unseen_test_classes
-    from convrecipes.recipe import dump_recipe
+    from accelerate import PartialState
 
     resume_ckpt = find_checkpoint(resume_from, prefer="last") if resume_from is not None else None
     if run_dir is None and resume_ckpt is not None:
         run_dir = resume_ckpt.parent
-    if run_dir is None:
-        from accelerate import PartialState
-
-        # named before the accelerator exists: its trackers write into it
-        run_dir = new_run_dir(recipe, PartialState())
+    state = PartialState()
+    if run_dir is None:  # named before the accelerator exists: its trackers write into it
+        run_dir = new_run_dir(recipe, state)
     run_dir = Path(run_dir)
+    lock = RunDirLock(run_dir)
+    refusal = ""
+    if state.is_main_process:
+        try:
+            aside = claim_run_dir(run_dir, resume=resume_ckpt is not None, overwrite=overwrite)
+            if aside is not None:
+                print(f"moved the previous run in {run_dir} aside to {aside}")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RunDirError(f"cannot create the run directory {run_dir} ({exc.strerror or exc}); pick a "
+                                  f"writable --run-dir") from None
+            lock.acquire()
+        except RunDirError as exc:
+            refusal = str(exc)
+    refusal = _from_main_process(refusal, state)
+    if refusal:  # every process stops, not only the main one
+        raise RunDirError(refusal)
+    try:
+        return _train_in(recipe, run_dir, resume_ckpt, accelerator)
+    finally:
+        lock.release()
+
+
+def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accelerator: Any) -> RunResult:
+    from convrecipes.build import build, make_accelerator
+    from convrecipes.data.datasets import has_unseen_test_classes
+    from convrecipes.recipe import dump_recipe
+
     accelerator = accelerator or make_accelerator(recipe, run_dir)
-    t0 = time.perf_counter()
+    clock = _WallClock()
     if isinstance(recipe.optimizer.lr, str):  # "auto": the LR range test picks it (a resume reads the number)
         from convrecipes.lr_finder.command import resolve_auto_lr
 
         resolve_auto_lr(recipe, accelerator, run_dir)
     exp = build(recipe, accelerator=accelerator, run_dir=run_dir)
     trainer = exp.trainer
+    trainer.register_state("wall_clock", clock, required=False)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run_dir / "recipe.yaml")  # resolved, with the computed mean/std
@@ -143,13 +279,13 @@ def train_recipe(
         results["test_final_ema"] = trainer.evaluate(exp.test_loader, model=trainer.ema.module, prefix="test_")
     best = run_dir / "best.safetensors"
     if best.is_file():
-        from convrecipes.checkpoint import load_checkpoint, load_model_weights
+        from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of
 
         state, meta = load_checkpoint(best)
-        load_model_weights(trainer.unwrapped_model, state["model"], best)
+        load_model_weights(trainer.unwrapped_model, model_weights_of(state, best), best)
         results["best_epoch"] = meta.get("epoch")
         results["test_best"] = trainer.evaluate(exp.test_loader, prefix="test_")
-    results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    results["wall_time_s"] = round(clock.elapsed(), 1)  # across resumes
     if has_unseen_test_classes(recipe.data.name):
         results["unseen_test_classes"] = True
         for key in ("test_final", "test_final_ema", "test_best"):
@@ -188,7 +324,7 @@ def evaluate_run(
         ``test_angle_*``.
     """
     from convrecipes.build import build_for_evaluation
-    from convrecipes.checkpoint import load_checkpoint, load_model_weights
+    from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of
     from convrecipes.data.datasets import has_unseen_test_classes
     from convrecipes.models import Classifier
     from convrecipes.recipe import recipe_from_dict
@@ -197,13 +333,14 @@ def evaluate_run(
     state, meta = load_checkpoint(ckpt)
     if "recipe" not in meta:
         raise CheckpointError(f"{ckpt} records no recipe; evaluate needs a checkpoint written by `convrecipes train`")
+    model_weights_of(state, ckpt)  # before building anything
     recipe = recipe_from_dict(meta["recipe"])
     recipe.trainer.progress = False
     if data_dir:
         recipe.data.data_dir = data_dir
     exp = build_for_evaluation(recipe, accelerator)
     trainer = exp.trainer
-    chosen = state.get("ema") if ema else state["model"]
+    chosen = state.get("ema") if ema else model_weights_of(state, ckpt)
     if chosen is None:
         raise CheckpointError(f"{ckpt} has no EMA weights; drop --ema")
     load_model_weights(trainer.unwrapped_model, chosen, ckpt)

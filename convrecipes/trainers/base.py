@@ -50,7 +50,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from convrecipes.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from convrecipes.checkpoint import encode_checkpoint, model_weights_of, load_checkpoint, load_model_weights, write_atomic
 from convrecipes.data.loader import InMemoryLoader, is_epoch_loader
 from convrecipes.errors import CheckpointError, NonFiniteLossError, RecipeError
 from convrecipes.losses.base import as_loss_output
@@ -230,6 +230,7 @@ class Trainer:
         #: agree across ranks (a branch to train, a column to keep)
         self.shared_generator = torch.Generator().manual_seed(int(seed))
         self._registered: dict[str, Any] = {}
+        self._optional_state: set[str] = set()
         # position in training: the next epoch/batch to run and training steps done
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -335,10 +336,11 @@ class Trainer:
                                 f"group; use a convrecipes schedule or build the optimizer with every group")
             schedule.sync_param_groups()
 
-    def register_state(self, name: str, obj: Any) -> Any:
+    def register_state(self, name: str, obj: Any, required: bool = True) -> Any:
         """Save and restore ``obj`` (anything with ``state_dict``/``load_state_dict``) with
         every checkpoint under ``name``; an ``nn.Module`` is also moved to the device.
-        Returns ``obj``."""
+        ``required=False``: a checkpoint without it (an older one) loads and leaves ``obj``
+        as it is. Returns ``obj``."""
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(f"register_state({name!r}, ...) needs an object with state_dict/load_state_dict")
         if name in self._registered:
@@ -346,6 +348,8 @@ class Trainer:
         if isinstance(obj, nn.Module):
             obj = obj.to(self.device)
         self._registered[name] = obj
+        if not required:
+            self._optional_state.add(name)
         return obj
 
     def modules(self) -> dict[str, nn.Module]:
@@ -845,9 +849,16 @@ class Trainer:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
 
-    def save_checkpoint(self, path: Union[str, Path], metadata: Optional[Mapping[str, Any]] = None) -> Path:
-        """Write the full training state to ``path`` (collective; the main process writes)."""
-        path = Path(path)
+    def save_checkpoint(self, path: Union[str, Path, Sequence[Union[str, Path]]],
+                        metadata: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write the full training state to ``path`` (collective; the main process writes).
+
+        ``path`` may be a list: the state is serialised once and written to each file in
+        order, each atomically (``ModelCheckpoint`` writes ``best`` before ``last``, so a
+        kill between the two never leaves ``last`` claiming a best that is not on disk).
+        Returns the last path written.
+        """
+        paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
         self._check_finite_weights()
         state = self.state_dict()
         if self.is_main_process:
@@ -859,10 +870,12 @@ class Trainer:
                 "metrics": self.history[-1] if self.history else {},
                 **(metadata or {}),
             }
-            save_checkpoint(path, state, meta)
-        self.last_checkpoint = path
+            data = encode_checkpoint(state, meta)
+            for p in paths:
+                write_atomic(p, data)
+        self.last_checkpoint = paths[-1]
         self.wait_for_everyone()
-        return path
+        return paths[-1]
 
     def load_checkpoint(self, path: Union[str, Path]) -> dict[str, Any]:
         """Restore the full training state from ``path``; returns the checkpoint's metadata."""
@@ -886,7 +899,7 @@ class Trainer:
         main_opt = self.resolve_part(None)
         parts = state.get("parts", {})
         try:
-            load_model_weights(self.unwrapped_model, state["model"], path)
+            load_model_weights(self.unwrapped_model, model_weights_of(state, path), path)
             saved_models = parts.get("models", {})
             expected = [n for n in self._trainable_parts() if n != self.primary]
             if sorted(saved_models) != sorted(expected):
@@ -912,6 +925,8 @@ class Trainer:
                 self.accelerator.scaler.load_state_dict(state["scaler"])
             registered = state.get("registered", {})
             for name, obj in self._registered.items():
+                if name not in registered and name in self._optional_state:
+                    continue
                 if name not in registered:
                     raise CheckpointError(f"{path} has no state {name!r}; resume with the trainer settings it was "
                                           f"written with")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -95,8 +94,11 @@ class ModelCheckpoint(Callback):
     """Keep ``last.safetensors`` (every epoch, and every ``every_n_steps`` optimizer steps)
     and ``best.safetensors`` (when ``monitor`` improves) in ``dirpath``.
 
-    Both are full training states (resume from either). ``best`` is an atomic copy of the
-    ``last`` just written, so it costs a file copy, not a second serialisation.
+    Both are full training states (resume from either). On an improved epoch the state is
+    serialised once and written to ``best`` first, then to ``last``: a kill between the two
+    leaves ``last`` at the previous epoch, so the resume redoes the epoch and rewrites both;
+    ``best`` is never behind what ``last`` records. Temp files of killed writes are removed
+    when training starts or resumes.
     """
 
     def __init__(self, dirpath: str | os.PathLike, monitor: Optional[str] = "val_top1", mode: str = "max",
@@ -105,6 +107,14 @@ class ModelCheckpoint(Callback):
         self.monitor, self.mode, self.every_n_steps = monitor, _check_mode(mode), every_n_steps
         self.best: Optional[float] = None
         self._warned = False
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        if trainer.is_main_process and self.dirpath.is_dir():
+            from convrecipes.checkpoint import remove_stale_temp_files
+
+            removed = remove_stale_temp_files(self.dirpath)
+            if removed:
+                trainer.print(f"removed {len(removed)} temp file(s) of interrupted writes in {self.dirpath}")
 
     @property
     def last_path(self) -> Path:
@@ -128,13 +138,8 @@ class ModelCheckpoint(Callback):
                     self._warned = True
             elif _improved(value, self.best, self.mode):
                 self.best, improved = value, True
-        # Record the new best before writing, so `last` carries the callback state it implies.
-        trainer.save_checkpoint(self.last_path)
-        if improved and trainer.is_main_process:
-            tmp = self.best_path.with_name(f".{self.best_path.name}.tmp-{os.getpid()}")
-            shutil.copyfile(self.last_path, tmp)
-            os.replace(tmp, self.best_path)
-        trainer.wait_for_everyone()
+        # The new best is recorded before writing, so both files carry the callback state it implies.
+        trainer.save_checkpoint([self.best_path, self.last_path] if improved else [self.last_path])
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -34,9 +34,20 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All records of a JSON-lines file."""
+    """All records of a JSON-lines file. A torn last line (a kill in the middle of a write)
+    is dropped: it belongs to an epoch that a resume trains again."""
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [line for line in fh if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path} line {i + 1} is not JSON (only a torn last line is tolerated); "
+                             f"remove that line or restore the file") from None
+    return records
 
 
 def plot_curves(records: Iterable[dict], path: Path, title: Optional[str] = None) -> Optional[Path]:
