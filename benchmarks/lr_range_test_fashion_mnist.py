@@ -11,30 +11,32 @@
     OMP_NUM_THREADS=1 python benchmarks/lr_range_test_fashion_mnist.py   # about 20 min on one CPU core
     python benchmarks/lr_range_test_fashion_mnist.py --epochs 2      # a quicker look
     python benchmarks/lr_range_test_fashion_mnist.py --clr-only      # redo part 3 only, keep 1-2 from --out
+    python benchmarks/lr_range_test_fashion_mnist.py --epochs 1 --clr-epochs 2 --seeds 1 --out /tmp/lrt.json \
+        --model model.name=tiny_cnn model.kwargs.width=4 data.subset_per_class=20 schedule.warmup_epochs=0
+                                                                     # a smoke test (a few minutes)
+
+The sweep (``find_lr_repeated``, as ``convrecipes lr-find``) and the trainings
+(``convrecipes.run.train_recipe``) run in this process, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "convrecipes.cli"]
+from _common import lr_sweep, output_to, train_run  # benchmarks/ is on sys.path when run as a script
 
 
 def train(recipe: str, overrides: list[str], run_dir: Path) -> dict:
+    """Train ``recipe`` with ``overrides`` into ``run_dir`` (what it prints: ``<run_dir>.log``):
+    test top-1 and val top-1 by epoch."""
     t0 = time.perf_counter()
-    result = subprocess.run(CLI + ["train", recipe, "trainer.progress=false", *overrides, "--run-dir", str(run_dir)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr[-3000:])
-    res = json.loads((run_dir / "results.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"test_top1": res["test_final"]["test_top1"], "val_top1_by_epoch": [h["val_top1"] for h in history],
+    with output_to(run_dir.with_suffix(".log")):
+        run = train_run(recipe, overrides, run_dir)
+    return {"test_top1": run.test_top1, "val_top1_by_epoch": [h["val_top1"] for h in run.history],
             "steps_per_epoch": None, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -58,9 +60,8 @@ def main() -> None:
         tmp = Path(tmp)
         # 1. the sweep, several seeds
         t0 = time.perf_counter()
-        subprocess.run(CLI + ["lr-find", args.recipe, *base, "--repeat", str(args.seeds), "--out", str(tmp / "lrf")],
-                       check=True, capture_output=True, text=True)
-        finder = json.loads((tmp / "lrf" / "lr_find.json").read_text())
+        sweep, auto_rule = lr_sweep(args.recipe, base, repeat=args.seeds)
+        finder = {**sweep.to_dict(), "auto_lr_rule": auto_rule}
         report["finder"] = {k: finder[k] for k in ("suggestions", "spread", "agreement", "warnings", "auto_lr_rule",
                                                    "global_batch_size")}
         report["finder"]["wall_s"] = round(time.perf_counter() - t0, 1)

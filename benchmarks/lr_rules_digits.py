@@ -7,6 +7,11 @@ rule's suggestion and on a wide LR grid (factors of 2), 2 seeds each with the re
 budget and schedule, and prints how far each rule lands from the grid's best mean accuracy.
 
     OMP_NUM_THREADS=1 python benchmarks/lr_rules_digits.py       # about 10 min on one core
+    python benchmarks/lr_rules_digits.py --seeds 1 --grid 0.05 --out /tmp/lr_rules.json \
+        --overrides trainer.epochs=2 model.kwargs.width=4            # a smoke test (about 2 minutes)
+
+The sweep and the trainings (``convrecipes.run.train_recipe``) run in this process;
+``--overrides`` apply to the sweep and to every training.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lr_range_test_fashion_mnist import CLI, train  # noqa: E402
+from _common import lr_sweep  # noqa: E402
+from lr_range_test_fashion_mnist import train  # noqa: E402
 
 
 def main() -> None:
@@ -29,25 +34,26 @@ def main() -> None:
     parser.add_argument("--recipe", default="quickstart")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per LR")
     parser.add_argument("--grid", type=float, nargs="*", default=[0.0125 * 2 ** k for k in range(8)])
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="key=value overrides for the sweep and every run, e.g. trainer.epochs=2 for a smoke test")
     parser.add_argument("--out", default="benchmarks/results/lr_rules_digits.json")
     args = parser.parse_args()
-    report: dict = {"recipe": args.recipe}
+    report: dict = {"recipe": args.recipe, **({"overrides": args.overrides} if args.overrides else {})}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        subprocess.run(CLI + ["lr-find", args.recipe, "--repeat", "3", "--out", str(tmp / "lrf")],
-                       check=True, capture_output=True, text=True)
-        finder = json.loads((tmp / "lrf" / "lr_find.json").read_text())
+        finder, _ = lr_sweep(args.recipe, args.overrides, repeat=3)
         # consensus is the finder's own geometric mean of the three rules (reported as
         # "geomean_of_rules" in results written before it existed)
-        s = {k: v for k, v in finder["suggestions"].items() if k in ("steepest", "valley", "min_div_10", "consensus")}
+        s = {k: v for k, v in finder.suggestions.items() if k in ("steepest", "valley", "min_div_10", "consensus")}
         report["suggestions"] = s
-        report["spread"] = {k: finder["spread"][k]["ratio"] for k in ("steepest", "valley", "min_div_10")}
+        report["spread"] = {k: finder.spread[k]["ratio"] for k in ("steepest", "valley", "min_div_10")}
         report["finder_wall_s"] = round(time.perf_counter() - t0, 1)
         print("suggestions: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()), flush=True)
 
         def mean_acc(lr: float, tag: str) -> dict:
-            accs = [train(args.recipe, [f"optimizer.lr={lr}", f"seed={seed}"], tmp / f"{tag}_{seed}")["test_top1"]
+            accs = [train(args.recipe, [*args.overrides, f"optimizer.lr={lr}", f"seed={seed}"],
+                          tmp / f"{tag}_{seed}")["test_top1"]
                     for seed in range(args.seeds)]
             print(f"{tag:<20} lr {lr:<9.4g} test top-1 {statistics.fmean(accs):.2f} {accs}", flush=True)
             return {"lr": lr, "test_top1": accs, "mean": statistics.fmean(accs)}

@@ -213,7 +213,10 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     if d.pk is not None:
         if len(d.pk) != 2:
             raise RecipeError(f"recipe key 'data.pk' must be [P, K], got {d.pk}")
-        sampler = PKBatchSampler(train.labels, p=d.pk[0], k=d.pk[1], seed=recipe.seed)
+        try:
+            sampler = PKBatchSampler(train.labels, p=d.pk[0], k=d.pk[1], seed=recipe.seed)
+        except ValueError as exc:  # more classes or images per batch than the training split has
+            raise RecipeError(f"data.pk={list(d.pk)} does not fit the training data: {exc}") from None
     batch_size = sampler.global_batch_size if sampler is not None else d.batch_size
     if batch_size % accelerator.num_processes:
         raise RecipeError(f"data.batch_size={batch_size} is not divisible by the {accelerator.num_processes} "

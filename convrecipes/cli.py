@@ -30,18 +30,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     resume_ckpt = None
     if args.resume:
-        recipe, resume_ckpt = recipe_of_checkpoint(args.resume, prefer="last")
-        if args.recipe:
-            print(f"resuming with the recipe recorded in {resume_ckpt}; ignoring {args.recipe}", file=sys.stderr)
+        overrides = list(args.overrides)
+        if args.recipe and "=" in args.recipe:  # `--resume R key=value ...`: argparse took it for the recipe
+            overrides.insert(0, args.recipe)
+        elif args.recipe:
+            print(f"resuming with the recipe recorded in {args.resume}; ignoring {args.recipe}", file=sys.stderr)
+        recipe, resume_ckpt = recipe_of_checkpoint(args.resume, prefer="last", overrides=overrides)
     else:
         if not args.recipe:
             raise ConvrecipesError("name a recipe (e.g. `convrecipes train recipes/quickstart.yaml`) or pass --resume RUN_DIR")
         recipe = load_recipe(args.recipe, args.overrides)
     run = train_recipe(recipe, args.run_dir, resume_from=resume_ckpt, overwrite=args.overwrite)
     results, run_dir = run.results, run.run_dir
-    from accelerate import PartialState
+    from convrecipes.run import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         rows = {f"final {k}": v for k, v in results["test_final"].items()}
         if "test_final_ema" in results:
             rows.update({f"final EMA {k}": v for k, v in results["test_final_ema"].items()})
@@ -56,12 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from convrecipes.run import evaluate_run
+    from convrecipes.run import evaluate_run, process_state
 
     result = evaluate_run(args.run, args.weights, ema=args.ema, data_dir=args.data_dir, plot=args.plot)
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return 0
     if args.plot and "test_recall_at_1" in result:
         print(f"wrote {args.plot}")

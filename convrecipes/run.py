@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from convrecipes.errors import CheckpointError, ConvrecipesError
 from convrecipes.loading import find_checkpoint
@@ -46,6 +46,16 @@ class RunResult:
         return self.results.get("test_final", {}).get("test_top1")
 
 
+def process_state() -> Any:
+    """Accelerate's process state before any ``Accelerator`` exists (which process this is,
+    how many there are). ``ACCELERATE_USE_CPU`` is honoured as ``Accelerator`` does: a bare
+    ``PartialState()`` would miss it and see one process under CPU DDP."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _from_main_process(value: str, state: Any) -> str:
     """``value`` as the main process has it, on every process."""
     if state.num_processes > 1:
@@ -69,16 +79,33 @@ def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] =
     return shared_path(default, accelerator)
 
 
-def recipe_of_checkpoint(path: PathLike, prefer: str = "last") -> tuple[Recipe, Path]:
-    """The recipe recorded in a run's checkpoint, and that checkpoint (for ``--resume``)."""
+#: recipe keys a resume may change: they do not change what the checkpoint's state means
+RESUME_SAFE_KEYS = ("trainer.epochs", "data.data_dir", "trainer.checkpoint_every_steps", "trainer.progress",
+                    "trainer.log_with", "trainer.log_every_steps", "trainer.early_stopping_patience")
+
+
+def recipe_of_checkpoint(path: PathLike, prefer: str = "last",
+                         overrides: Sequence[str] = ()) -> tuple[Recipe, Path]:
+    """The recipe recorded in a run's checkpoint, and that checkpoint (for ``--resume``),
+    with ``overrides`` of the keys that are safe to change on resume (``RESUME_SAFE_KEYS``:
+    more epochs, e.g. to extend a finished run, a moved data directory, checkpoint and
+    logging frequency); any other key is refused by name."""
     from convrecipes.checkpoint import read_metadata
-    from convrecipes.recipe import recipe_from_dict
+    from convrecipes.errors import RecipeError
+    from convrecipes.recipe import apply_overrides, parse_override, recipe_from_dict
 
     ckpt = find_checkpoint(path, prefer=prefer)
     meta = read_metadata(ckpt)
     if "recipe" not in meta:
         raise CheckpointError(f"{ckpt} records no recipe; it needs a checkpoint written by `convrecipes train`")
-    return recipe_from_dict(meta["recipe"]), ckpt
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key not in RESUME_SAFE_KEYS:
+            raise RecipeError(f"{key!r} cannot change on --resume (the checkpoint was trained with the recorded "
+                              f"value); keys a resume may change: {', '.join(RESUME_SAFE_KEYS)}. To train with "
+                              f"another {key}, start a new run from the recipe")
+    raw = apply_overrides(dict(meta["recipe"]), overrides)
+    return recipe_from_dict(raw), ckpt
 
 
 class RunDirError(ConvrecipesError):
@@ -212,12 +239,10 @@ def train_recipe(
         RunDirError: ``run_dir`` holds another run (and neither resume nor overwrite was
             asked), is in use by a running training, or is not writable.
     """
-    from accelerate import PartialState
-
     resume_ckpt = find_checkpoint(resume_from, prefer="last") if resume_from is not None else None
     if run_dir is None and resume_ckpt is not None:
         run_dir = resume_ckpt.parent
-    state = PartialState()
+    state = process_state()
     if run_dir is None:  # named before the accelerator exists: its trackers write into it
         run_dir = new_run_dir(recipe, state)
     run_dir = Path(run_dir)

@@ -53,14 +53,15 @@ def test_crash_during_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "last.safetensors"
     save_checkpoint(path, {"w": torch.zeros(3)}, {"epoch": 1})
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+    real_fsync = ckpt.os.fsync
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
-    with pytest.raises(OSError):
+    def crash(fd):  # the temp file is half written when the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", crash)
+    with pytest.raises(ckpt.CheckpointError, match="No space left"):
         save_checkpoint(path, {"w": torch.ones(3)}, {"epoch": 2})
+    monkeypatch.setattr(ckpt.os, "fsync", real_fsync)
     state, meta = load_checkpoint(path)
     assert meta["epoch"] == 1 and torch.equal(state["w"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temp file left behind

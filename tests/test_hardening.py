@@ -175,3 +175,19 @@ def test_an_empty_recipe_file_is_refused(tmp_path):
     empty.write_text("")
     with pytest.raises(RecipeError, match="is empty"):
         load_recipe(str(empty))
+
+
+def test_resume_takes_safe_overrides_refuses_others_and_extends_a_finished_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "trainer.epochs=1")
+    assert main(["train", "--resume", str(run_dir), "trainer.epochs=2", "optimizer.lr=0.01"]) == 2
+    assert "'optimizer.lr' cannot change on --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run_dir), "trainer.epochs=2"]) == 0
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    assert read_metadata(run_dir / "last.safetensors")["recipe"]["trainer"]["epochs"] == 2
+
+
+def test_a_pk_batch_larger_than_the_data_is_refused(tmp_path, capsys):
+    assert main(["train", "quickstart", "data.pk=[50,4]", "trainer.progress=false", "--run-dir",
+                 str(tmp_path / "run")]) == 2
+    assert "data.pk=[50, 4] does not fit the training data" in capsys.readouterr().err
