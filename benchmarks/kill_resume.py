@@ -118,7 +118,7 @@ def main() -> None:
     epochs = 6
     plan = [("between", e) for e in range(1, min(epochs, args.kills // 4) + 1)]
     plan += [("mid_write", n) for n in rng.sample(range(2, 30), k=min(args.kills // 4, 28))]
-    plan += [("random", round(rng.uniform(1.0, duration), 2)) for _ in range(args.kills - len(plan))]
+    plan += [("random", round(rng.uniform(2.0, 0.85 * duration), 2)) for _ in range(args.kills - len(plan))]
     rows = []
     for i, (mode, arg) in enumerate(plan):
         run_dir = work / f"kill_{i:02d}"

@@ -36,3 +36,17 @@ def make_blobs_dataset(n: int = 96, num_classes: int = 4, size: int = 8, channel
 @pytest.fixture
 def blobs() -> ImageTensorDataset:
     return make_blobs_dataset()
+
+
+def ddp_worker_setup(n: int = 96):
+    """What the ``accelerate launch`` workers start from: an ``Accelerator``, ``n`` blobs, a
+    width-4 tiny_cnn seeded with 0 and its SGD (lr 0.05, momentum 0.9)."""
+    from accelerate import Accelerator
+
+    from convrecipes.models import create_model
+
+    accelerator = Accelerator()
+    ds = make_blobs_dataset(n=n)
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 1, ds.num_classes, width=4)
+    return accelerator, ds, model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -7,24 +7,18 @@ import sys
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from convrecipes.augment import build_augment
 from convrecipes.data.loader import InMemoryLoader
-from convrecipes.models import create_model
 from convrecipes.trainers import SupervisedTrainer
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))
-from tests.conftest import make_blobs_dataset  # noqa: E402
+from tests.conftest import ddp_worker_setup, make_blobs_dataset  # noqa: E402
 
 
 def main(out: str) -> None:
-    accelerator = Accelerator()
-    ds = make_blobs_dataset(n=96)
-    torch.manual_seed(0)
-    model = create_model("tiny_cnn", 1, ds.num_classes, width=4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    accelerator, ds, model, opt = ddp_worker_setup()
     augment = build_augment("light", (8, 8), 1, [0.3], [0.3], ds.num_classes)
     trainer = SupervisedTrainer(model, opt, nn.CrossEntropyLoss(), augment=augment, accelerator=accelerator,
                                 progress=False, seed=1)

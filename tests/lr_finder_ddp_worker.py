@@ -8,16 +8,14 @@ import sys
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from convrecipes.data.loader import InMemoryLoader
-from convrecipes.models import create_model
 from convrecipes.lr_finder import find_lr
 from convrecipes.trainers import SupervisedTrainer
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent))
-from tests.conftest import make_blobs_dataset  # noqa: E402
+from tests.conftest import ddp_worker_setup  # noqa: E402
 
 
 def _equal(a, b) -> bool:
@@ -31,11 +29,7 @@ def _equal(a, b) -> bool:
 
 
 def main(out: str) -> None:
-    accelerator = Accelerator()
-    ds = make_blobs_dataset(n=96)
-    torch.manual_seed(0)
-    model = create_model("tiny_cnn", 1, ds.num_classes, width=4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    accelerator, ds, model, opt = ddp_worker_setup()
     trainer = SupervisedTrainer(model, opt, nn.CrossEntropyLoss(), accelerator=accelerator, progress=False,
                                 grad_accum_steps=2, seed=1)
     loader = InMemoryLoader(ds, 16, seed=0)  # global batch 16: 8 per process

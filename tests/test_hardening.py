@@ -191,3 +191,13 @@ def test_a_pk_batch_larger_than_the_data_is_refused(tmp_path, capsys):
     assert main(["train", "quickstart", "data.pk=[50,4]", "trainer.progress=false", "--run-dir",
                  str(tmp_path / "run")]) == 2
     assert "data.pk=[50, 4] does not fit the training data" in capsys.readouterr().err
+
+
+def test_an_explicit_fashion_mnist_dir_that_lacks_the_files_is_refused(tmp_path):
+    from convrecipes.data import load_dataset
+    from convrecipes.errors import DataError
+
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="does not hold the four Fashion-MNIST IDX files.*fix the path"):
+        load_dataset("fashion_mnist", "test", data_dir=str(tmp_path / "partial"))

@@ -211,6 +211,19 @@ def load_fashion_mnist(
     ``~/.cache/convrecipes/FashionMNIST/raw``. The files are read directly (gzip or plain)
     because Debian's recompressed ``.gz`` files fail torchvision's checksums.
     """
+    if data_dir and not download:
+        # the data the user named is the data used: no silent fallback to another copy
+        named = Path(data_dir).expanduser()
+        folder = _find_fashion_mnist([(named / sub) if sub != "." else named for sub in _FASHION_SUBDIRS])
+        if folder is None:
+            raise DataError(
+                f"data.data_dir={data_dir} does not hold the four Fashion-MNIST IDX files (train-images-idx3-ubyte, "
+                f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz, "
+                f"directly or in fashion-mnist/ or FashionMNIST/raw/); fix the path, or unset data.data_dir to use "
+                f"${DATA_DIR_ENV} or {DEBIAN_FASHION_MNIST_DIR}"
+            )
+        _report_source(folder)
+        return _read_fashion_split(folder, split)
     candidates = _fashion_candidates(data_dir)
     folder = _find_fashion_mnist(candidates)
     if folder is None and download:
@@ -235,7 +248,19 @@ def load_fashion_mnist(
             f"pass data.data_dir=<folder> (or set {DATA_DIR_ENV}); "
             "or set data.download=true on a machine with internet."
         )
+    _report_source(folder)
     return _read_fashion_split(folder, split)
+
+
+_reported_sources: set[Path] = set()
+
+
+def _report_source(folder: Path) -> None:
+    """Say once per process which files a run reads (main process only under DDP)."""
+    if folder in _reported_sources or os.environ.get("RANK", "0") not in ("0", ""):
+        return
+    _reported_sources.add(folder)
+    print(f"fashion_mnist: reading the IDX files in {folder}")
 
 
 # -- CIFAR ----------------------------------------------------------------------------
