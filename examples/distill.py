@@ -49,14 +49,15 @@ def recipe(name: str, *overrides: str):
 
 # 1. the student alone with seeds 0..N-1: seed 0 is the baseline, all of them form the teacher
 seeds = [0] if args.teacher else list(range(args.members))
+# (overwrite=True: running the script again starts afresh; the old runs move to <dir>.old-<timestamp>)
 alone = {seed: train_recipe(recipe("fashion_mnist_student", f"seed={seed}"), out / f"student_alone_seed{seed}",
-                            accelerator=accelerator) for seed in seeds}
+                            accelerator=accelerator, overwrite=True) for seed in seeds}
 teacher_dirs = list(args.teacher) if args.teacher else [str(alone[seed].run_dir) for seed in seeds]
 
 # 2. the same student (seed 0) distilled from the ensemble's mean logits
 teacher_spec = teacher_dirs[0] if len(teacher_dirs) == 1 else "[" + ",".join(teacher_dirs) + "]"
 distilled = train_recipe(recipe("distill_fashion_mnist", f"trainer.params.teacher={teacher_spec}"),
-                         out / "student_distilled", accelerator=accelerator)
+                         out / "student_distilled", accelerator=accelerator, overwrite=True)
 
 # the teacher as distilled from (best.safetensors of each run), measured on the same test set
 exp = build(distilled.recipe, accelerator=accelerator)
