@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 from convrecipes.errors import CheckpointError, ConvrecipesError
 from convrecipes.loading import find_checkpoint
 from convrecipes.recipe import Recipe
+from convrecipes.trainers.callbacks import Callback
 
 PathLike = Union[str, os.PathLike]
 
@@ -190,6 +191,20 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Optio
                       f"the old run aside")
 
 
+class StopWhenOrphaned(Callback):
+    """Under several processes: stop a rank whose launcher has died (its parent process
+    changed), instead of training on into the run directory unsupervised."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+
+    def on_step_start(self, trainer: Any, global_step: int) -> None:
+        if os.getppid() != self.parent:
+            raise ConvrecipesError(f"the launcher of this process (pid {self.parent}) is gone; rank "
+                                   f"{trainer.accelerator.process_index} stops before step {global_step}. The last "
+                                   f"checkpoint is intact: resume with --resume")
+
+
 class _WallClock:
     """Registered state: the run's wall time, summed over its resumes."""
 
@@ -284,6 +299,8 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
     exp = build(recipe, accelerator=accelerator, run_dir=run_dir)
     trainer = exp.trainer
     trainer.register_state("wall_clock", clock, required=False)
+    if accelerator.num_processes > 1:
+        trainer.callbacks.append(StopWhenOrphaned())
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run_dir / "recipe.yaml")  # resolved, with the computed mean/std

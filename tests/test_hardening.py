@@ -201,3 +201,29 @@ def test_an_explicit_fashion_mnist_dir_that_lacks_the_files_is_refused(tmp_path)
     (tmp_path / "partial" / "train-images-idx3-ubyte.gz").write_bytes(b"")
     with pytest.raises(DataError, match="does not hold the four Fashion-MNIST IDX files.*fix the path"):
         load_dataset("fashion_mnist", "test", data_dir=str(tmp_path / "partial"))
+
+
+def test_a_rank_whose_launcher_died_stops(monkeypatch):
+    from convrecipes.errors import ConvrecipesError
+    from convrecipes.run import StopWhenOrphaned
+
+    guard = StopWhenOrphaned()
+
+    class FakeTrainer:
+        class accelerator:
+            process_index = 1
+
+    guard.on_step_start(FakeTrainer, 3)  # the launcher is alive: nothing happens
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented to init: the launcher is gone
+    with pytest.raises(ConvrecipesError, match="launcher of this process .* is gone; rank 1 stops before step 4"):
+        guard.on_step_start(FakeTrainer, 4)
+
+
+def test_the_collective_timeout_reaches_the_process_group_settings():
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from convrecipes.build import make_accelerator
+
+    acc = make_accelerator(load_recipe("quickstart", ["trainer.collective_timeout_s=42"]))
+    handler = acc.init_handler
+    assert isinstance(handler, InitProcessGroupKwargs) and handler.timeout.total_seconds() == 42

@@ -614,7 +614,11 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_start(self, self.global_step + 1)
             self._where = f"epoch {self.epoch + 1}, batch {b + 1}/{n_batches}"
-            out = self.train_step(pending)
+            try:
+                out = self.train_step(pending)
+            except RuntimeError as exc:
+                self._raise_if_collective_timeout(exc)
+                raise
             pending = []
             self.batch_in_epoch = b + 1
             samples_this_call += out.batch_size
@@ -647,6 +651,18 @@ class Trainer:
         metrics["images_per_s"] = global_samples / elapsed if elapsed > 0 else float("nan")
         metrics["train_time_s"] = elapsed
         return metrics
+
+    def _raise_if_collective_timeout(self, exc: RuntimeError) -> None:
+        """A collective that timed out means another process stalled or died: say where."""
+        text = str(exc).lower()
+        if self.accelerator.num_processes > 1 and ("timed out" in text or "timeout" in text):
+            from convrecipes.errors import ConvrecipesError
+
+            raise ConvrecipesError(
+                f"process {self.accelerator.process_index} waited too long for the others at {self._where} (step "
+                f"{self.global_step + 1}): another process stalled or died ({str(exc).splitlines()[0][:200]}). The last "
+                f"checkpoint ({self.last_checkpoint or 'none written yet'}) is intact: resume with --resume; raise "
+                f"trainer.collective_timeout_s if a step legitimately takes that long") from None
 
     def _check_finite(self, loss: torch.Tensor, part: Optional[str] = None) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
