@@ -294,12 +294,13 @@ def folder(tmp_path):
     return root, colors
 
 
-def test_image_folder_loads_good_files_and_warns_about_bad(folder):
+def test_image_folder_loads_good_files_and_reports_bad_ones_once(folder, capsys, recwarn):
     root, colors = folder
-    with pytest.warns(UserWarning, match=re.escape(str(root / "cats" / "broken.png"))):
-        train = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
-    with pytest.warns(UserWarning, match="broken.png"):  # read from the cache, still reported
-        test = load_dataset("image_folder", "test", data_dir=str(root), image_size=4)
+    train = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
+    test = load_dataset("image_folder", "test", data_dir=str(root), image_size=4)  # from the cache
+    err = capsys.readouterr().err
+    assert err.count("unreadable") == 1 and str(root / "cats" / "broken.png") in err  # one line per run
+    assert not [w for w in recwarn if "unreadable" in str(w.message)], "no Python warning"
     assert train.classes == ["cats", "dogs"] and test.classes == ["cats", "dogs"]
     assert train.images.shape == (8, 3, 4, 4) and test.images.shape == (2, 3, 4, 4)
     assert torch.bincount(test.labels).tolist() == [1, 1]  # round(5 * 0.2) from each class
@@ -309,10 +310,8 @@ def test_image_folder_loads_good_files_and_warns_about_bad(folder):
 
 def test_image_folder_grayscale_matches_pil_luminance(folder):
     root, colors = folder
-    with pytest.warns(UserWarning):
-        train = load_dataset("image_folder", "train", data_dir=str(root), image_size=3, channels=1)
-    with pytest.warns(UserWarning):
-        test = load_dataset("image_folder", "test", data_dir=str(root), image_size=3, channels=1)
+    train = load_dataset("image_folder", "train", data_dir=str(root), image_size=3, channels=1)
+    test = load_dataset("image_folder", "test", data_dir=str(root), image_size=3, channels=1)
     assert train.images.shape[1:] == (1, 3, 3)
     found = sorted(_colors(train) + _colors(test))
     # PIL's convert("L") is ITU-R 601 luminance, computed here from the written colors.
@@ -331,35 +330,42 @@ def test_image_folder_second_load_uses_cache_and_changes_invalidate(folder, monk
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(image_folder_mod, "decode_image", counting_decode)
-    with pytest.warns(UserWarning):
-        first = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
+    first = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
     assert len(calls) == 11  # 10 good + 1 corrupt, decoded once
-    cache_files = list((root / ".convrecipes-cache").glob("*.safetensors"))
-    assert len(cache_files) == 1
+    cache_dir = datasets_mod.DEFAULT_CACHE_DIR / "image_folder"
+    assert len(list(cache_dir.glob("*.safetensors"))) == 1
 
     calls.clear()
-    with pytest.warns(UserWarning, match="broken.png"):  # still reported when read from the cache
-        second = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
+    second = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
     assert calls == []
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == ["cats", "dogs"]
 
     # An added file re-decodes and replaces the stale cache.
     _solid_png(root / "dogs" / "new.png", (1, 2, 3))
-    with pytest.warns(UserWarning):
-        third = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
+    third = load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
     assert len(calls) == 12
-    with pytest.warns(UserWarning):
-        assert len(third) + len(load_dataset("image_folder", "test", data_dir=str(root), image_size=4)) == 11
-    assert len(list((root / ".convrecipes-cache").glob("*.safetensors"))) == 1
+    assert len(third) + len(load_dataset("image_folder", "test", data_dir=str(root), image_size=4)) == 11
+    assert len(list(cache_dir.glob("*.safetensors"))) == 1
 
 
-def test_image_folder_cache_falls_back_when_folder_is_not_writable(folder):
+def test_image_folder_cache_stays_outside_the_data_folder(folder):
+    from torchvision.datasets import ImageFolder
+
     root, _ = folder
-    (root / ".convrecipes-cache").write_text("a file where the cache folder would go")  # mkdir fails, even as root
-    with pytest.warns(UserWarning):
+    load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
+    assert sorted(p.name for p in root.iterdir()) == ["cats", "dogs"]
+    assert ImageFolder(str(root)).classes == ["cats", "dogs"]  # torchvision reads the same folder unharmed
+
+
+@pytest.mark.parametrize("bad", ["empty", "unreadable"])
+def test_a_class_folder_without_a_readable_image_is_refused_with_its_path(folder, bad):
+    root, _ = folder
+    (root / "birds").mkdir()
+    if bad == "unreadable":
+        (root / "birds" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=re.escape(str(root / "birds")) + " has no readable image"):
         load_dataset("image_folder", "train", data_dir=str(root), image_size=4)
-    assert len(list((datasets_mod.DEFAULT_CACHE_DIR / "image_folder").glob("*.safetensors"))) == 1
 
 
 def test_image_folder_split_folders_share_class_names(tmp_path):

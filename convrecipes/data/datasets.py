@@ -331,7 +331,7 @@ def load_image_folder_dataset(
     """Your own images, one subfolder per class (see ``convrecipes.data.image_folder``).
 
     Decoded once at ``image_size`` (default 64) and ``channels`` (default 3) into a
-    safetensors cache in ``data_dir/.convrecipes-cache/``.
+    safetensors cache in ``~/.cache/convrecipes/image_folder/`` (outside ``data_dir``).
     """
     if not data_dir:
         raise DataError(
@@ -343,7 +343,7 @@ def load_image_folder_dataset(
         split,
         image_size=image_size if image_size is not None else 64,
         channels=channels if channels is not None else 3,
-        fallback_cache_dir=DEFAULT_CACHE_DIR,
+        cache_dir=DEFAULT_CACHE_DIR,
     )
 
 

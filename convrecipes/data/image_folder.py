@@ -8,10 +8,14 @@ Layouts accepted under ``data_dir``:
   test images never change between runs or recipes.
 
 Images are decoded with PIL, converted to ``L`` or ``RGB``, resized to a square and
-stored in ``<data_dir>/.convrecipes-cache/`` as safetensors (class names in its JSON
-metadata), so later runs skip decoding. The cache key covers every file's relative path,
+stored as safetensors in ``~/.cache/convrecipes/image_folder/`` (class names in its JSON
+metadata; named by the folder's absolute path), so later runs skip decoding. The cache
+lives outside the data folder: a hidden folder inside it would become a class for other
+tools (torchvision's ``ImageFolder``). The cache key covers every file's relative path,
 size and mtime plus the image size and channels: adding, removing or editing an image
-re-decodes. Unreadable files are skipped and reported, never fatal.
+re-decodes. Unreadable files are skipped and reported once per run in one line, never
+fatal; a class folder with no readable image is refused with its path (it would be a
+class without data, and could report 100% test accuracy on nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +37,10 @@ from convrecipes.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-CACHE_DIRNAME = ".convrecipes-cache"
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # fixed, independent of any recipe seed: the test split must never move
 PROGRESS_BAR_MIN_FILES = 1000
 _CACHE_FORMAT = "1"
-_MAX_LISTED = 20  # unreadable paths named in the warning; the log gets all of them
 
 
 def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
@@ -96,14 +98,11 @@ def _cache_key(root: Path, files: list[tuple[str, int]], classes: list[str], ima
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _cache_paths(root: Path, stem: str, key: str, fallback_cache_dir: Path) -> tuple[Path, Path]:
-    """The cache file inside ``data_dir`` and the one used when ``data_dir`` is read-only."""
-    # The fallback is shared by all folders, so its name also carries the folder's identity.
+def _cache_path(root: Path, stem: str, key: str, cache_dir: Path) -> Path:
+    """The cache file of a folder's split (outside the folder)."""
+    # shared by all folders, so the name also carries the folder's identity
     folder_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-    return (
-        root / CACHE_DIRNAME / f"{stem}-{key}.safetensors",
-        fallback_cache_dir / "image_folder" / f"{folder_id}-{stem}-{key}.safetensors",
-    )
+    return cache_dir / "image_folder" / f"{folder_id}-{stem}-{key}.safetensors"
 
 
 def _remove_stale(path: Path) -> None:
@@ -161,17 +160,33 @@ def _write_cache(path: Path, dataset: ImageTensorDataset, unreadable: list[str])
     return True
 
 
-def _report_unreadable(unreadable: list[str]) -> None:
-    if not unreadable:
+_reported: set[str] = set()
+
+
+def _report_unreadable(root: Path, unreadable: list[str]) -> None:
+    """One line per folder and run (the full list goes to the log at debug level)."""
+    if not unreadable or str(root) in _reported:
         return
-    logger.warning("skipped %d unreadable image file(s):\n%s", len(unreadable), "\n".join(unreadable))
-    listed = "\n  ".join(unreadable[:_MAX_LISTED])
-    more = f"\n  ... and {len(unreadable) - _MAX_LISTED} more (all in the log)" if len(unreadable) > _MAX_LISTED else ""
-    warnings.warn(
-        f"skipped {len(unreadable)} unreadable image file(s); "
-        f"delete or replace them to silence this:\n  {listed}{more}",
-        stacklevel=3,
-    )
+    _reported.add(str(root))
+    logger.debug("unreadable image files under %s:\n%s", root, "\n".join(unreadable))
+    more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+    print(f"image_folder: skipped {len(unreadable)} unreadable image file(s) under {root}: {unreadable[0]}{more}; "
+          f"delete or replace them", file=sys.stderr)
+
+
+def _check_classes(dataset: ImageTensorDataset, files: list[tuple[str, int]], split_dir: Path,
+                   classes: list[str]) -> None:
+    """Refuse a class folder that exists but gives no readable image."""
+    have = torch.bincount(dataset.labels, minlength=len(classes)).tolist()
+    listed = [0] * len(classes)
+    for _, label in files:
+        listed[label] += 1
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        if have[label] == 0 and folder.is_dir():
+            why = f"its {listed[label]} image file(s) are all unreadable" if listed[label] else "it holds no image files"
+            raise DataError(f"class folder {folder} has no readable image ({why}, extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)}); add images to it or remove the folder")
 
 
 def _decode_all(
@@ -203,7 +218,7 @@ def _decode_all(
 
 
 def _load_decoded(
-    root: Path, split_dir: Path, classes: list[str], image_size: int, channels: int, fallback_cache_dir: Path
+    root: Path, split_dir: Path, classes: list[str], image_size: int, channels: int, cache_dir: Path
 ) -> ImageTensorDataset:
     files = _list_files(root, split_dir, classes)
     if not files:
@@ -214,20 +229,17 @@ def _load_decoded(
     key = _cache_key(root, files, classes, image_size, channels)
     split_name = "all" if split_dir == root else split_dir.name
     stem = f"image_folder-{split_name}-{image_size}px-{channels}ch"
-    primary, fallback = _cache_paths(root, stem, key, fallback_cache_dir)
-    for path in (primary, fallback):
-        cached = _read_cache(path)
-        if cached is not None:
-            logger.info("image folder %s: using cache %s", split_dir, path)
-            dataset, unreadable = cached
-            _report_unreadable(unreadable)
-            return dataset
-    dataset, unreadable = _decode_all(root, files, classes, image_size, channels)
-    _report_unreadable(unreadable)
-    if not _write_cache(primary, dataset, unreadable) and not _write_cache(fallback, dataset, unreadable):
-        logger.warning(
-            "could not write the image cache to %s or %s; images will be decoded again next run", primary, fallback
-        )
+    path = _cache_path(root, stem, key, cache_dir)
+    cached = _read_cache(path)
+    if cached is not None:
+        logger.info("image folder %s: using cache %s", split_dir, path)
+        dataset, unreadable = cached
+    else:
+        dataset, unreadable = _decode_all(root, files, classes, image_size, channels)
+        if not _write_cache(path, dataset, unreadable):
+            logger.warning("could not write the image cache %s; images will be decoded again next run", path)
+    _report_unreadable(root, unreadable)
+    _check_classes(dataset, files, split_dir, classes)
     return dataset
 
 
@@ -236,7 +248,7 @@ def load_image_folder(
     split: str,
     image_size: int = 64,
     channels: int = 3,
-    fallback_cache_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ImageTensorDataset:
     """Load split ``split`` of a class-per-folder image dataset.
 
@@ -245,19 +257,20 @@ def load_image_folder(
         split: ``"train"`` or ``"test"`` (``test/`` or else ``val/`` in the split layout).
         image_size: side of the square the images are resized to.
         channels: 1 (grayscale) or 3 (RGB).
-        fallback_cache_dir: where the cache goes when ``data_dir`` is not writable
-            (default ``~/.cache/convrecipes``).
+        cache_dir: where the decoded cache goes (default ``~/.cache/convrecipes``; never
+            inside ``data_dir``).
 
     Returns:
         The split as one uint8 tensor; class names are the folder names, sorted.
 
     Raises:
-        DataError: the folder is missing, has fewer than two classes, or no readable image.
+        DataError: the folder is missing, has fewer than two classes, a class folder
+            without a readable image, or no readable image.
     """
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}; valid splits: train, test")
     root = Path(data_dir).expanduser()
-    fallback = Path(fallback_cache_dir) if fallback_cache_dir is not None else Path.home() / ".cache" / "convrecipes"
+    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "convrecipes"
     if not root.is_dir():
         raise DataError(
             f"image folder {root} does not exist; set data.data_dir to a folder holding one subfolder per class "
@@ -279,7 +292,7 @@ def load_image_folder(
             f"e.g. {where.split(' and ')[0]}/cat/, .../dog/ "
             f"(for your own splits use train/ and test/ folders that each hold the class folders)"
         )
-    dataset = _load_decoded(root, split_dir, classes, image_size, channels, fallback)
+    dataset = _load_decoded(root, split_dir, classes, image_size, channels, cache)
     if split_dir is not root:
         return dataset
     keep, hold = stratified_split(dataset.labels, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
