@@ -227,3 +227,52 @@ def test_the_collective_timeout_reaches_the_process_group_settings():
     acc = make_accelerator(load_recipe("quickstart", ["trainer.collective_timeout_s=42"]))
     handler = acc.init_handler
     assert isinstance(handler, InitProcessGroupKwargs) and handler.timeout.total_seconds() == 42
+
+
+def test_a_stalled_rank_stops_the_others_after_the_timeout_naming_the_step():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    result = subprocess.run(launch + [str(root / "tests" / "stall_worker.py"), "90"], env=env, capture_output=True,
+                            text=True, timeout=240, cwd=root)
+    elapsed = time.perf_counter() - t0
+    assert result.returncode != 0
+    assert "rank 0: process 0 waited too long for the others at epoch 1, batch 3/" in result.stdout, result.stdout[-2000:]
+    assert "trainer.collective_timeout_s" in result.stdout
+    # rank 1 sleeps 90 s; the 4 s timeout ends the run long before (start-up included)
+    assert elapsed < 75, f"took {elapsed:.0f} s"
+
+
+def test_killing_the_launcher_stops_the_ranks(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).parent.parent
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch + ["-m", "convrecipes.cli", "train", "quickstart", "trainer.epochs=50",
+                                      "model.kwargs.width=4", "trainer.progress=false", "--run-dir", str(run_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    deadline = time.time() + 120
+    while not (run_dir / "last.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()]
+    assert len(ranks) >= 2, "two ranks are training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=10)  # the next step notices (without the check: ~30 s)
+    for p in alive:
+        p.kill()
+    assert not alive, "orphaned ranks kept training after the launcher was killed"
