@@ -103,19 +103,13 @@ def distillation_params(params: dict[str, Any], ctx: TrainerContext) -> dict[str
 
 def make_accelerator(recipe: Recipe, run_dir: Optional[Path] = None) -> Accelerator:
     """An ``Accelerator`` for the recipe: its mixed precision (None: the launcher's), DDP's
-    ``find_unused_parameters`` and trackers (``trainer.log_with``, files in ``run_dir``)."""
-    from datetime import timedelta
-
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    ``find_unused_parameters``, trackers (``trainer.log_with``, files in ``run_dir``) and
+    ``trainer.collective_timeout_s`` (instead of torch's 30 minutes)."""
+    from convrecipes.trainers.base import make_accelerator as accelerator_for
 
     t = recipe.trainer
-    # a stalled rank stops the others after collective_timeout_s instead of torch's 30 minutes
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))]
-    if t.find_unused_parameters:
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     log_with = tracker_names(t.log_with) if run_dir is not None else None  # lr-find/evaluate track nothing
-    return Accelerator(mixed_precision=t.mixed_precision, kwargs_handlers=handlers, log_with=log_with,
-                       project_dir=str(run_dir) if log_with else None)
+    return accelerator_for(t.mixed_precision, t.find_unused_parameters, log_with, run_dir, t.collective_timeout_s)
 
 
 # Accelerate's tracker names and the package each needs.

@@ -85,6 +85,29 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def make_accelerator(
+    mixed_precision: Optional[str] = None,
+    find_unused_parameters: bool = False,
+    log_with: Optional[Union[str, Sequence[str]]] = None,
+    project_dir: Optional[Union[str, Path]] = None,
+    collective_timeout_s: Optional[float] = None,
+) -> Accelerator:
+    """The ``Accelerator`` a trainer runs on: mixed precision (None: the launcher decides),
+    DDP's ``find_unused_parameters``, trackers writing into ``project_dir``, and the
+    timeout after which one process stops waiting for a stalled other (None: torch's)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers: list[Any] = []
+    if collective_timeout_s is not None:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s)))
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers, log_with=log_with or None,
+                       project_dir=str(project_dir) if log_with else None)
+
+
 def _scalar_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config flattened to ``a.b`` keys with scalar values (what trackers store)."""
     out: dict[str, Any] = {}
@@ -187,10 +210,7 @@ class Trainer:
         if accelerator is None:
             if log_with and self.run_dir is None:
                 raise RecipeError("log_with needs a run_dir for the tracker files")
-            handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-            accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers,
-                                      log_with=log_with or None,
-                                      project_dir=str(self.run_dir) if log_with else None)
+            accelerator = make_accelerator(mixed_precision, find_unused_parameters, log_with, self.run_dir)
         self.accelerator = accelerator
         self.device = self.accelerator.device
         self.channels_last = channels_last
@@ -204,6 +224,7 @@ class Trainer:
         trainable = [n for n, m in raw_models.items() if any(p.requires_grad for p in m.parameters())]
         prepared = self.accelerator.prepare(*(raw_models[n] for n in trainable), *optimizers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self._trainable = list(trainable)  # parts with parameters to train: prepared, synced, checkpointed
         self.models: dict[str, nn.Module] = {}
         for name, m in raw_models.items():
             self.models[name] = prepared[trainable.index(name)] if name in trainable else m.to(self.device)
@@ -317,6 +338,7 @@ class Trainer:
             module = module.to(memory_format=torch.channels_last)
         if any(p.requires_grad for p in module.parameters()):
             module = self.accelerator.prepare(module)
+            self._trainable.append(name)
         self.models[name] = module
         return module
 
@@ -519,13 +541,10 @@ class Trainer:
         means = {k: v / samples for k, v in sums.items()}
         return StepOutput(means.pop("train_loss"), means, samples)
 
-    def _trainable_parts(self) -> list[str]:
-        return [n for n, m in self.models.items() if any(p.requires_grad for p in m.parameters())]
-
     def _no_sync(self) -> contextlib.ExitStack:
         """DDP's no_sync on every prepared model (accumulation micro-batches)."""
         stack = contextlib.ExitStack()
-        for name in self._trainable_parts():
+        for name in self._trainable:
             stack.enter_context(self.accelerator.no_sync(self.models[name]))
         return stack
 
@@ -852,7 +871,7 @@ class Trainer:
             "registered": {name: obj.state_dict() for name, obj in self._registered.items()},
             "parts": {
                 # frozen models (a teacher) are inputs, not training state
-                "models": {n: self.unwrap(n).state_dict() for n in self._trainable_parts() if n != self.primary},
+                "models": {n: self.unwrap(n).state_dict() for n in self._trainable if n != self.primary},
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items() if n != main_opt},
                 "schedulers": {n: s.state_dict() for n, s in self.schedulers.items() if n != main_opt},
             },
@@ -917,7 +936,7 @@ class Trainer:
         try:
             load_model_weights(self.unwrapped_model, model_weights_of(state, path), path)
             saved_models = parts.get("models", {})
-            expected = [n for n in self._trainable_parts() if n != self.primary]
+            expected = [n for n in self._trainable if n != self.primary]
             if sorted(saved_models) != sorted(expected):
                 raise CheckpointError(f"{path} holds the model parts {sorted(saved_models) or 'none'} besides the "
                                       f"primary, this trainer has {expected or 'none'}; resume with the trainer "
