@@ -38,6 +38,9 @@ class Datasets:
     train: ImageTensorDataset
     val: Optional[ImageTensorDataset]
     test: ImageTensorDataset
+    #: images without labels (their labels -1, or hidden ones kept only for analysis), for
+    #: semi-supervised trainers; None when the recipe names none
+    unlabeled: Optional[ImageTensorDataset] = None
 
     @property
     def num_classes(self) -> int:
@@ -50,7 +53,7 @@ class Experiment:
 
     recipe: Recipe
     trainer: Trainer
-    train_loader: InMemoryLoader
+    train_loader: Any  # InMemoryLoader, or SemiSupervisedLoader for semi-supervised trainers
     val_loader: Optional[InMemoryLoader]
     test_loader: InMemoryLoader
     datasets: Datasets
@@ -69,6 +72,46 @@ class TrainerContext:
     mean: list[float]
     std: list[float]
     device: Any
+    steps_per_epoch: int = 0
+    model: Optional[nn.Module] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+    def make_model(self, name: str, kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+        """Another model for the recipe's images and classes (e.g. a teacher), with the
+        recipe's drop rates; ``name`` is any timm name (ours included)."""
+        m = self.recipe.model
+        return create_model(name, in_chans=self.in_chans, num_classes=self.num_classes, drop_rate=m.drop_rate,
+                            drop_path_rate=m.drop_path_rate, **dict(kwargs or {}))
+
+    def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        """An optimizer like the recipe's (its name, momentum, weight decay, ...) at ``lr``."""
+        o = self.recipe.optimizer
+        return build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                               decay_norm_and_bias=o.decay_norm_and_bias)
+
+    def make_schedule(self, optimizer: torch.optim.Optimizer, epochs: int, name: Optional[str] = None,
+                      warmup_epochs: Optional[float] = None) -> Any:
+        """A schedule over ``epochs`` epochs: the recipe's (default) or ``name`` with no params."""
+        s = self.recipe.schedule
+        warmup = s.warmup_epochs if warmup_epochs is None else warmup_epochs
+        params = s.params if name is None or name == s.name else {}
+        return build_scheduler(name or s.name, optimizer, total_steps=self.steps_per_epoch * epochs,
+                               steps_per_epoch=self.steps_per_epoch, warmup_steps=round(warmup * self.steps_per_epoch),
+                               warmup_start_factor=s.warmup_start_factor, **params)
+
+    def make_augment(self, preset: str, key: str) -> nn.Module:
+        """The augment ``preset`` for this data (the recipe's hflip and normalisation);
+        ``key`` names the recipe key in the error for an unknown preset."""
+        from convrecipes.augment.presets import AUGMENT_PRESETS
+
+        if not isinstance(preset, str) or preset not in AUGMENT_PRESETS:
+            from convrecipes.registry import did_you_mean
+
+            raise RecipeError(f"unknown augment preset {preset!r}{did_you_mean(str(preset), AUGMENT_PRESETS.names())} "
+                              f"({key}); valid: {', '.join(AUGMENT_PRESETS.names())}")
+        return build_augment(preset, image_size=self.image_size, channels=self.in_chans, mean=self.mean,
+                             std=self.std, num_classes=self.num_classes, hflip=self.recipe.augment.hflip)
 
 
 #: Recipe-side builders per trainer name: ``builder(params, context) -> constructor kwargs``
@@ -99,6 +142,65 @@ def distillation_params(params: dict[str, Any], ctx: TrainerContext) -> dict[str
     params.setdefault("student_mean", list(ctx.mean))
     params.setdefault("student_std", list(ctx.std))
     return params
+
+
+def _view_augments(params: dict[str, Any], ctx: TrainerContext) -> dict[str, Any]:
+    """Weak and strong unlabeled-view augments from preset names (defaults light/strong)."""
+    for key, default in (("weak_augment", "light"), ("strong_augment", "strong")):
+        value = params.get(key, default)
+        params[key] = ctx.make_augment(value, f"trainer.params.{key}") if isinstance(value, str) or value is None \
+            else value
+    return params
+
+
+@TRAINER_BUILDERS.register("uda")
+def uda_params(params: dict[str, Any], ctx: TrainerContext) -> dict[str, Any]:
+    """Weak and strong views from preset names (``trainer.params.weak_augment: light``,
+    ``strong_augment: strong``)."""
+    return _view_augments(dict(params), ctx)
+
+
+@TRAINER_BUILDERS.register("mpl")
+def mpl_params(params: dict[str, Any], ctx: TrainerContext) -> dict[str, Any]:
+    """The teacher (``teacher_model``, default the student's architecture, with
+    ``teacher_kwargs``), its optimizer like the student's at ``teacher_lr`` (default the
+    student's) and schedule; the student's schedule over the MPL epochs only; the finetune
+    optimizer at ``finetune_lr`` (default a tenth of the student's) with a cosine decay
+    over ``finetune_epochs``; the weak and strong views."""
+    params = _view_augments(dict(params), ctx)
+    recipe = ctx.recipe
+    name = params.pop("teacher_model", None) or recipe.model.name
+    kwargs = params.pop("teacher_kwargs", None)
+    kwargs = dict(recipe.model.kwargs) if kwargs is None and name == recipe.model.name else dict(kwargs or {})
+    try:
+        teacher = ctx.make_model(name, kwargs)
+    except RecipeError as exc:
+        raise RecipeError(f"trainer.params.teacher_model: {exc}") from None
+    student_lr = ctx.optimizer.param_groups[0]["lr"]
+    teacher_lr = params.pop("teacher_lr", None) or student_lr
+    finetune_lr = params.pop("finetune_lr", None) or student_lr / 10
+    finetune = int(params.get("finetune_epochs", 0) or 0)
+    epochs = recipe.trainer.epochs
+    if finetune >= epochs:
+        raise RecipeError(f"trainer.params.finetune_epochs={finetune} leaves no MPL epochs in trainer.epochs={epochs} "
+                          f"(which counts both stages); raise trainer.epochs or lower finetune_epochs")
+    params["teacher"] = teacher
+    params["teacher_optimizer"] = ctx.make_optimizer(teacher, teacher_lr)
+    params["teacher_scheduler"] = ctx.make_schedule(params["teacher_optimizer"], epochs - finetune)
+    params["scheduler"] = ctx.make_schedule(ctx.optimizer, epochs - finetune)
+    if finetune:
+        params["finetune_optimizer"] = ctx.make_optimizer(ctx.model, finetune_lr)
+        params["finetune_scheduler"] = ctx.make_schedule(params["finetune_optimizer"], finetune, name="cosine",
+                                                         warmup_epochs=0)
+    return params
+
+
+#: recipe-only params of the mpl builder (turned into constructor arguments above)
+mpl_params.recipe_params = {"teacher_model": None, "teacher_kwargs": None, "teacher_lr": None,  # type: ignore[attr-defined]
+                            "finetune_lr": None}
+#: constructor arguments the mpl builder makes (a recipe cannot give them)
+mpl_params.built_params = ("teacher", "teacher_optimizer", "teacher_scheduler", "finetune_optimizer",  # type: ignore[attr-defined]
+                           "finetune_scheduler")
 
 
 def make_accelerator(recipe: Recipe, run_dir: Optional[Path] = None) -> Accelerator:
@@ -163,7 +265,49 @@ def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -
     if d.val_fraction > 0:
         train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=recipe.seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
-    return Datasets(train=train, val=val, test=test)
+    unlabeled = None
+    if d.labels_per_class is not None:
+        # after the validation split: validation images are never unlabeled training data
+        labeled_idx = _labeled_indices(train, d.labels_per_class, recipe.seed)
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[labeled_idx] = False
+        unlabeled = train.subset(rest.nonzero().squeeze(1)) if bool(rest.any()) else None
+        train = train.subset(labeled_idx)
+    if d.unlabeled_folder is not None:
+        folder = _load_unlabeled_folder(recipe, train.classes)
+        unlabeled = folder if unlabeled is None else _concat(unlabeled, folder)
+    return Datasets(train=train, val=val, test=test, unlabeled=unlabeled)
+
+
+def _labeled_indices(train: ImageTensorDataset, per_class: int, seed: int) -> torch.Tensor:
+    """``per_class`` labeled images per class (stratified, seeded), with the recipe key in errors."""
+    counts = torch.bincount(train.labels, minlength=train.num_classes)
+    smallest = int(counts.argmin())
+    if int(counts[smallest]) < per_class:
+        raise RecipeError(f"data.labels_per_class={per_class} is more than class {train.classes[smallest]!r} has "
+                          f"({int(counts[smallest])} training images after the validation split); use "
+                          f"data.labels_per_class<={int(counts[smallest])}")
+    return subset_indices(train.labels, per_class=per_class, seed=seed)
+
+
+def _load_unlabeled_folder(recipe: Recipe, classes: list[str]) -> ImageTensorDataset:
+    from convrecipes.data.datasets import DEFAULT_CACHE_DIR
+    from convrecipes.data.image_folder import load_unlabeled_folder
+
+    d = recipe.data
+    if d.name != "image_folder" or not d.data_dir:
+        raise RecipeError(f"data.unlabeled_folder is a subfolder of an image_folder dataset's data.data_dir, but "
+                          f"the recipe uses dataset {d.name!r}; use data.labels_per_class=N to hide labels of "
+                          f"{d.name}, or set data.name=image_folder and data.data_dir")
+    return load_unlabeled_folder(d.data_dir, d.unlabeled_folder, image_size=d.image_size or 64,
+                                 channels=d.channels or 3, cache_dir=DEFAULT_CACHE_DIR, classes=classes)
+
+
+def _concat(a: ImageTensorDataset, b: ImageTensorDataset) -> ImageTensorDataset:
+    if a.image_shape != b.image_shape:
+        raise RecipeError(f"the unlabeled images have shape {b.image_shape} but the others {a.image_shape}; set "
+                          f"data.image_size and data.channels so they match")
+    return ImageTensorDataset(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), list(a.classes))
 
 
 def _eval_loader(ds: ImageTensorDataset, recipe: Recipe, accelerator: Accelerator) -> InMemoryLoader:
@@ -226,6 +370,9 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     if len(train_loader) == 0:
         raise RecipeError(f"the training set has {len(train)} images, fewer than one batch of {batch_size}; "
                           f"lower data.batch_size")
+    trainer_cls = TRAINERS.get(recipe.trainer.name)
+    if getattr(trainer_cls, "uses_unlabeled_data", False):
+        train_loader = _semi_supervised_loader(recipe, train_loader, datasets.unlabeled, accelerator)
     val_loader = _eval_loader(datasets.val, recipe, accelerator) if datasets.val is not None else None
     test_loader = _eval_loader(datasets.test, recipe, accelerator)
 
@@ -273,13 +420,10 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
                                          mode=t.monitor_mode, every_n_steps=t.checkpoint_every_steps))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping_patience))
-    trainer_cls = TRAINERS.get(t.name)
-    # the loop's own arguments come from the recipe's trainer section, not from its params
-    params = TRAINERS.check_params(t.name, dict(t.params), exclude=inspect.signature(Trainer.__init__).parameters,
-                                   key="trainer.params")
+    params = _trainer_params(recipe)
     if t.name in TRAINER_BUILDERS:
         ctx = TrainerContext(recipe, num_classes, channels, (height, width), list(a.mean), list(a.std),
-                             accelerator.device)
+                             accelerator.device, steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer)
         params = TRAINER_BUILDERS.get(t.name)(params, ctx)
     num_parameters = count_parameters(model)
     metadata = {
@@ -289,14 +433,57 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         "global_batch_size": batch_size,
         "num_processes": accelerator.num_processes,
     }
+    kwargs: dict[str, Any] = dict(scheduler=scheduler)
+    kwargs.update(params)  # a builder may replace the schedule (e.g. MPL's, over its first stage)
     trainer = trainer_cls(
-        model, optimizer, loss_fn, scheduler=scheduler, augment=augment, eval_transform=eval_transform,
+        model, optimizer, loss_fn, augment=augment, eval_transform=eval_transform,
         accelerator=accelerator, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, callbacks=callbacks, run_dir=run_dir, seed=recipe.seed,
         channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata,
-        log_every_steps=t.log_every_steps, **params,
+        log_every_steps=t.log_every_steps, **kwargs,
     )
     return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters)
+
+
+def _trainer_params(recipe: Recipe) -> dict[str, Any]:
+    """``trainer.params`` checked against the trainer's constructor (less the loop's own
+    arguments, which come from the recipe's trainer section) plus its builder's recipe-only
+    params, less the arguments its builder makes."""
+    from convrecipes.registry import check_params as check
+
+    name = recipe.trainer.name
+    valid = TRAINERS.params(name, exclude=inspect.signature(Trainer.__init__).parameters)
+    if name in TRAINER_BUILDERS:
+        builder = TRAINER_BUILDERS.get(name)
+        for key in getattr(builder, "built_params", ()):
+            valid.pop(key, None)
+        for key, default in getattr(builder, "recipe_params", {}).items():
+            valid[key] = inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
+    return check(f"trainer {name!r}", dict(recipe.trainer.params), valid, key="trainer.params")
+
+
+def _semi_supervised_loader(recipe: Recipe, labeled: InMemoryLoader, unlabeled: Optional[ImageTensorDataset],
+                            accelerator: Accelerator) -> Any:
+    """The labeled stream zipped with the unlabeled one, for trainers that use both."""
+    from convrecipes.data.semi_supervised import UNLABELED_SEED_OFFSET, SemiSupervisedLoader
+
+    d = recipe.data
+    if unlabeled is None or len(unlabeled) == 0:
+        raise RecipeError(f"trainer {recipe.trainer.name!r} trains on unlabeled images too, but the recipe has "
+                          f"none: set data.labels_per_class=N (keep N labels per class; the rest of the training "
+                          f"split becomes unlabeled, and must not be all of it) or, for image_folder, "
+                          f"data.unlabeled_folder=<subfolder of data.data_dir with the unlabeled images>")
+    batch = d.unlabeled_batch_size or 4 * d.batch_size
+    if batch % accelerator.num_processes:
+        raise RecipeError(f"data.unlabeled_batch_size={batch} is not divisible by the {accelerator.num_processes} "
+                          f"processes; use a multiple of {accelerator.num_processes}")
+    if len(unlabeled) < batch:
+        raise RecipeError(f"there are {len(unlabeled)} unlabeled images, fewer than one unlabeled batch of {batch}; "
+                          f"lower data.unlabeled_batch_size")
+    stream = InMemoryLoader(unlabeled, batch, shuffle=True, drop_last=True, seed=recipe.seed + UNLABELED_SEED_OFFSET,
+                            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                            device=accelerator.device)
+    return SemiSupervisedLoader(labeled, stream)
 
 
 def build_for_evaluation(recipe: Recipe, accelerator: Optional[Accelerator] = None) -> Experiment:

@@ -34,6 +34,11 @@ class DataConfig:
     batch_size: int = 128  # GLOBAL batch size (split across processes)
     eval_batch_size: int = 512
     pk: Optional[list[int]] = None  # [P, K]: batches of P classes x K images (metric losses)
+    # semi-supervised data (trainers uda, mpl): keep this many labels per class (stratified,
+    # seeded; after the validation split) and use the rest of the training split unlabeled
+    labels_per_class: Optional[int] = None
+    unlabeled_folder: Optional[str] = None  # image_folder: a subfolder of data_dir holding unlabeled images
+    unlabeled_batch_size: Optional[int] = None  # GLOBAL unlabeled batch per step (None: 4 x batch_size)
 
 
 @dataclass
@@ -217,6 +222,9 @@ _RANGES: list[tuple[str, Any, str, str]] = [
     ("data.subset_per_class", lambda v: v is None or v >= 1, "an integer >= 1 or null", "data.subset_per_class=100"),
     ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1 or null", "data.image_size=32"),
     ("data.channels", lambda v: v in (None, 1, 3), "1, 3 or null", "data.channels=3"),
+    ("data.labels_per_class", lambda v: v is None or v >= 1, "an integer >= 1 or null", "data.labels_per_class=40"),
+    ("data.unlabeled_batch_size", lambda v: v is None or v >= 1, "an integer >= 1 or null",
+     "data.unlabeled_batch_size=256"),
     ("data.pk", lambda v: v is None or (len(v) == 2 and min(v) >= 1), "[P, K] with P, K >= 1 or null",
      "data.pk=[8,4]"),
     ("model.drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "model.drop_rate=0.1"),

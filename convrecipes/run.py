@@ -319,6 +319,8 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
     results["test_final"] = trainer.evaluate(exp.test_loader, prefix="test_")
     if trainer.ema is not None:
         results["test_final_ema"] = trainer.evaluate(exp.test_loader, model=trainer.ema.module, prefix="test_")
+    for name, other in trainer.evaluation_models().items():  # e.g. an MPL teacher
+        results[f"test_final_{name}"] = trainer.evaluate(exp.test_loader, model=other, prefix="test_")
     best = run_dir / "best.safetensors"
     if best.is_file():
         from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of

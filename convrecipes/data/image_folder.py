@@ -7,15 +7,31 @@ Layouts accepted under ``data_dir``:
 - ``<class>/...`` only: a fixed-seed stratified 80/20 holdout makes the splits, so the
   test images never change between runs or recipes.
 
+For semi-supervised training an *unlabeled* folder can sit next to the class folders;
+name it with ``unlabeled_folder`` (``data.unlabeled_folder``) and it is no longer a class::
+
+    data_dir/                         data_dir/
+        cat/...                           train/cat/..., train/dog/...
+        dog/...                           test/cat/...,  test/dog/...
+        unlabeled/...                     unlabeled/...
+
+``load_image_folder(..., unlabeled_folder="unlabeled")`` skips that folder when listing
+classes (at the root, and inside ``train/`` and ``test/``/``val/`` in the split layout);
+``load_unlabeled_folder`` decodes every image under ``data_dir/unlabeled/`` (subfolders
+included; in the split layout it is the one next to ``train/`` and ``test/``) with labels
+-1. Without ``unlabeled_folder`` a folder named ``unlabeled`` is a class like any other.
+
 Images are decoded with PIL, converted to ``L`` or ``RGB``, resized to a square and
 stored as safetensors in ``~/.cache/convrecipes/image_folder/`` (class names in its JSON
 metadata; named by the folder's absolute path), so later runs skip decoding. The cache
 lives outside the data folder: a hidden folder inside it would become a class for other
 tools (torchvision's ``ImageFolder``). The cache key covers every file's relative path,
 size and mtime plus the image size and channels: adding, removing or editing an image
-re-decodes. Unreadable files are skipped and reported once per run in one line, never
-fatal; a class folder with no readable image is refused with its path (it would be a
-class without data, and could report 100% test accuracy on nothing).
+re-decodes. The unlabeled folder has its own cache entry, keyed the same way (its files,
+the image size and channels). Unreadable files are skipped and reported once per run in
+one line, never fatal; a class folder with no readable image is refused with its path (it
+would be a class without data, and could report 100% test accuracy on nothing), and so is
+an unlabeled folder without one.
 """
 
 from __future__ import annotations
@@ -59,11 +75,34 @@ def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    """Non-hidden subfolders of ``folder`` (hidden ones hold caches, VCS data, ...)."""
+def _class_dirs(folder: Path, exclude: str | None = None) -> list[str]:
+    """Non-hidden subfolders of ``folder`` (hidden ones hold caches, VCS data, ...), less ``exclude``."""
     if not folder.is_dir():
         return []
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(
+        e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name != exclude
+    )
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path] | None:
+    """``(train dir, test dir)`` in the split layout (``test/``, else ``val/``), else None."""
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    if (root / "train").is_dir() and test_dir.is_dir():
+        return root / "train", test_dir
+    return None
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, recursively (hidden files and folders skipped)."""
+    found = []
+    # followlinks: datasets are often assembled from symlinked folders.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fname in filenames:
+            # Hidden files include macOS "._x.jpg" resource forks, which are not images.
+            if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath, fname))
+    return found
 
 
 def _list_files(root: Path, split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -73,14 +112,26 @@ def _list_files(root: Path, split_dir: Path, classes: list[str]) -> list[tuple[s
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
-        # followlinks: datasets are often assembled from symlinked folders.
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for fname in filenames:
-                # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-                if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append((Path(dirpath, fname).relative_to(root).as_posix(), label))
+        files.extend((path.relative_to(root).as_posix(), label) for path in _walk_images(class_dir))
     return sorted(files)
+
+
+_SPLIT_FOLDERS = ("train", "test", "val")
+
+
+def _check_unlabeled_name(root: Path, folder: str) -> None:
+    """Refuse an ``unlabeled_folder`` that is not one plain folder name, or is a split folder."""
+    separators = [sep for sep in ("/", os.sep, os.altsep) if sep]
+    if not isinstance(folder, str) or folder in ("", ".", "..") or any(sep in folder for sep in separators):
+        raise DataError(
+            f"data.unlabeled_folder must be the name of one folder inside {root} (e.g. unlabeled), got {folder!r}"
+        )
+    if folder in _SPLIT_FOLDERS and _split_dirs(root) is not None:
+        raise DataError(
+            f"data.unlabeled_folder={folder!r} names a split folder of {root} (train/ and test/ or val/ hold the "
+            f"labeled class folders); put the unlabeled images in another folder next to them, e.g. "
+            f"{root / 'unlabeled'}, and set data.unlabeled_folder to its name"
+        )
 
 
 def _cache_key(root: Path, files: list[tuple[str, int]], classes: list[str], image_size: int, channels: int) -> str:
@@ -243,12 +294,17 @@ def _load_decoded(
     return dataset
 
 
+def _default_cache(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "convrecipes"
+
+
 def load_image_folder(
     data_dir: str | Path,
     split: str,
     image_size: int = 64,
     channels: int = 3,
     cache_dir: str | Path | None = None,
+    unlabeled_folder: str | None = None,
 ) -> ImageTensorDataset:
     """Load split ``split`` of a class-per-folder image dataset.
 
@@ -259,30 +315,38 @@ def load_image_folder(
         channels: 1 (grayscale) or 3 (RGB).
         cache_dir: where the decoded cache goes (default ``~/.cache/convrecipes``; never
             inside ``data_dir``).
+        unlabeled_folder: name of the folder holding unlabeled images (for
+            ``load_unlabeled_folder``); a subfolder with this name is not a class, at the
+            root of ``data_dir`` or inside ``train/`` and ``test/``/``val/`` in the split
+            layout. None (default): every subfolder is a class.
 
     Returns:
         The split as one uint8 tensor; class names are the folder names, sorted.
 
     Raises:
         DataError: the folder is missing, has fewer than two classes, a class folder
-            without a readable image, or no readable image.
+            without a readable image, or no readable image; ``unlabeled_folder`` is not
+            one folder name, or names a split folder of the split layout.
     """
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}; valid splits: train, test")
     root = Path(data_dir).expanduser()
-    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "convrecipes"
+    cache = _default_cache(cache_dir)
     if not root.is_dir():
         raise DataError(
             f"image folder {root} does not exist; set data.data_dir to a folder holding one subfolder per class "
             f"(or train/ and test/ folders that each hold one subfolder per class)"
         )
-    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-    if (root / "train").is_dir() and test_dir.is_dir():
-        classes = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(test_dir)))
-        split_dir = root / "train" if split == "train" else test_dir
-        where = f"{root / 'train'} and {test_dir}"
+    if unlabeled_folder is not None:
+        _check_unlabeled_name(root, unlabeled_folder)
+    splits = _split_dirs(root)
+    if splits is not None:
+        train_dir, test_dir = splits
+        classes = sorted(set(_class_dirs(train_dir, unlabeled_folder)) | set(_class_dirs(test_dir, unlabeled_folder)))
+        split_dir = train_dir if split == "train" else test_dir
+        where = f"{train_dir} and {test_dir}"
     else:
-        classes = _class_dirs(root)
+        classes = _class_dirs(root, unlabeled_folder)
         split_dir = root
         where = str(root)
     if len(classes) < 2:
@@ -297,3 +361,76 @@ def load_image_folder(
         return dataset
     keep, hold = stratified_split(dataset.labels, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
     return dataset.subset(keep if split == "train" else hold)
+
+
+def load_unlabeled_folder(
+    root: str | Path,
+    folder: str,
+    image_size: int,
+    channels: int,
+    cache_dir: str | Path | None,
+    classes: list[str],
+) -> ImageTensorDataset:
+    """Load the unlabeled images of an image folder dataset, for semi-supervised training.
+
+    Every image file under ``root/folder`` (subfolders included, the same extensions as
+    the class folders, in sorted path order) is decoded exactly like the labeled images
+    (``decode_image`` at the same size and channels) and cached in its own entry, keyed on
+    its files, the image size and channels. In the split layout the folder sits at the root,
+    next to ``train/`` and ``test/`` (not inside ``train/``). Pass the same name as
+    ``unlabeled_folder`` to ``load_image_folder`` so it is not taken for a class.
+
+    Args:
+        root: the image folder dataset (``data.data_dir``).
+        folder: name of the unlabeled folder inside ``root`` (``data.unlabeled_folder``).
+        image_size: side of the square the images are resized to (as for the labeled split).
+        channels: 1 (grayscale) or 3 (RGB) (as for the labeled split).
+        cache_dir: where the decoded cache goes (None: ``~/.cache/convrecipes``).
+        classes: the labeled class names, carried as the dataset's ``classes``.
+
+    Returns:
+        The unlabeled images as one uint8 tensor, every label -1 (int64), ``classes`` as given.
+
+    Raises:
+        DataError: ``root/folder`` is missing, holds no readable image, is also a class
+            (in ``classes``), or ``folder`` is not one folder name or names a split folder.
+    """
+    root = Path(root).expanduser()
+    _check_unlabeled_name(root, folder)
+    unlabeled_dir = root / folder
+    if not unlabeled_dir.is_dir():
+        splits = _split_dirs(root)
+        moved = ""
+        if splits is not None and (splits[0] / folder).is_dir():
+            moved = (f" ({splits[0] / folder} exists, but in the train/test layout the unlabeled folder goes next to "
+                     f"train/ and test/: move it to {unlabeled_dir})")
+        raise DataError(
+            f"unlabeled image folder {unlabeled_dir} does not exist{moved}; create it and put the unlabeled images "
+            f"in it, or unset data.unlabeled_folder"
+        )
+    if folder in classes:
+        raise DataError(
+            f"unlabeled folder {unlabeled_dir} is also the class {folder!r}; load the labeled splits with "
+            f"unlabeled_folder={folder!r} so it is not taken for a class"
+        )
+    files = sorted((path.relative_to(unlabeled_dir).as_posix(), -1) for path in _walk_images(unlabeled_dir))
+    if not files:
+        raise DataError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the unlabeled folder {unlabeled_dir}; put the "
+            f"unlabeled images in it (subfolders are searched too), or unset data.unlabeled_folder"
+        )
+    # Keyed without the classes: they are not stored in the images, only carried along.
+    key = _cache_key(unlabeled_dir, files, [], image_size, channels)
+    stem = f"image_folder-unlabeled-{image_size}px-{channels}ch"
+    path = _cache_path(unlabeled_dir, stem, key, _default_cache(cache_dir))
+    cached = _read_cache(path)
+    if cached is not None:
+        logger.info("unlabeled image folder %s: using cache %s", unlabeled_dir, path)
+        dataset, unreadable = cached
+    else:
+        dataset, unreadable = _decode_all(unlabeled_dir, files, [], image_size, channels)
+        if not _write_cache(path, dataset, unreadable):
+            logger.warning("could not write the image cache %s; images will be decoded again next run", path)
+    _report_unreadable(unlabeled_dir, unreadable)
+    labels = torch.full((len(dataset),), -1, dtype=torch.long)
+    return ImageTensorDataset(dataset.images, labels, list(classes))

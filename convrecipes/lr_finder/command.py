@@ -61,6 +61,8 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--smooth-beta", type=float, default=0.98, help="EMA factor of the smoothed loss (default 0.98)")
     parser.add_argument("--diverge-threshold", type=float, default=4.0,
                         help="stop when the smoothed loss exceeds this times its best (default 4)")
+    parser.add_argument("--part", help="trainers with several optimizers: the one to sweep, e.g. teacher or student "
+                                       "for trainer mpl (default: the primary model's)")
     parser.add_argument("--out", help="output directory (default: <output_dir>/lr-find-<recipe>-<timestamp>)")
     return parser
 
@@ -90,8 +92,9 @@ def format_report(result: "RepeatedLRFinderResult", recipe_name: str, auto_rule:
     first = result.runs[0]
     s = first.settings
     runs = len(result.runs)
+    swept = f" (optimizer {s['part']!r}, loss {s.get('loss', 'train_loss')!r})" if s.get("part") not in (None, "model") else ""
     lines = [
-        f"LR range test of {recipe_name}: {s['mode']} sweep {s['start_lr']:g} -> {s['end_lr']:g} in "
+        f"LR range test of {recipe_name}{swept}: {s['mode']} sweep {s['start_lr']:g} -> {s['end_lr']:g} in "
         f"{s['num_iters']} steps, {runs} seed(s) {result.seeds}",
         f"the LRs belong to a global batch of {result.global_batch_size} ({s['per_process_batch_size']} per process x "
         f"{s['num_processes']} process(es) x {s['grad_accum_steps']} accumulation step(s)); stopped: "
@@ -146,6 +149,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
         make, seeds=[recipe.seed + i for i in range(args.repeat)],
         start_lr=args.start_lr, end_lr=args.end_lr, num_iters=args.num_iters, mode=args.mode,
         smooth_beta=args.smooth_beta, diverge_threshold=args.diverge_threshold, progress=recipe.trainer.progress,
+        part=args.part,
     )
     accelerator.free_memory()
     rule = auto_lr_rule(recipe.schedule.name)

@@ -107,6 +107,7 @@ def find_lr(
     seed: Optional[int] = None,
     progress: Optional[bool] = None,
     part: Optional[str] = None,
+    loss_key: Optional[str] = None,
 ) -> LRFinderResult:
     """Run the LR range test with ``trainer``'s own training step; leave the trainer untouched.
 
@@ -130,9 +131,13 @@ def find_lr(
         progress: show a progress bar (main process); None follows ``trainer.progress``.
         part: the optimizer whose LR is swept (trainers with several; default the primary).
             The other parts train at their current LRs.
+        loss_key: the logged value whose curve is read (default: what the trainer's
+            ``loss_key_of(part)`` names, else the step's loss), e.g. ``teacher_loss`` when
+            sweeping an MPL teacher.
 
     Returns:
-        An ``LRFinderResult`` (``settings["part"]`` names the swept part).
+        An ``LRFinderResult`` (``settings["part"]`` names the swept part, ``settings["loss"]``
+        the curve).
 
     Raises:
         RecipeError: bad sweep arguments, or a first param group with LR 0.
@@ -149,6 +154,7 @@ def find_lr(
     if part is not None and part not in trainer.optimizers:
         raise RecipeError(f"no optimizer part {part!r} to sweep; parts: {', '.join(trainer.optimizers)}")
     part = trainer.resolve_part(part)
+    loss_key = loss_key or trainer.loss_key_of(part)
     optimizer = trainer.optimizers[part]
     plan = sweep_lrs(start_lr, end_lr, num_iters, mode)
     accelerator = trainer.accelerator
@@ -203,7 +209,10 @@ def find_lr(
                 break
             if i == 0:
                 local_batch = out.batch_size // accum
-            step_loss = out.loss.float()
+            if loss_key is not None and loss_key not in out.logs:
+                raise RecipeError(f"the training step logs no {loss_key!r} to sweep on; it logs: "
+                                  f"{', '.join(['train_loss', *out.logs])}")
+            step_loss = (out.logs[loss_key] if loss_key is not None else out.loss).float()
             if num_processes > 1:  # every rank sees the same curve and stops at the same step
                 step_loss = accelerator.reduce(step_loss, "mean")
             loss = float(step_loss)
@@ -239,6 +248,7 @@ def find_lr(
             "smooth_beta": smooth_beta, "diverge_threshold": diverge_threshold, "seed": seed,
             "per_process_batch_size": local_batch, "num_processes": num_processes, "grad_accum_steps": accum,
             "param_group_ratios": list(ratios), "part": part,
+            "loss": loss_key or "train_loss",
         },
         points=points,
         elapsed_s=time.perf_counter() - t0,

@@ -4,13 +4,18 @@ from convrecipes.registry import Registry
 from convrecipes.trainers.base import StepOutput, Trainer
 from convrecipes.trainers.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from convrecipes.trainers.distillation import DistillationTrainer
+from convrecipes.trainers.meta_pseudo_labels import MetaPseudoLabelsTrainer
 from convrecipes.trainers.supervised import SupervisedTrainer
+from convrecipes.trainers.uda import UDATrainer
 
 TRAINERS: Registry[type] = Registry("trainer")
 TRAINERS.register("supervised")(SupervisedTrainer)
 TRAINERS.register("distillation")(DistillationTrainer)
+TRAINERS.register("uda")(UDATrainer)
+TRAINERS.register("mpl")(MetaPseudoLabelsTrainer)
 
 __all__ = [
-    "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer", "DistillationTrainer",
+    "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer", "DistillationTrainer", "UDATrainer",
+    "MetaPseudoLabelsTrainer",
     "Callback", "EarlyStopping", "ModelCheckpoint",
 ]

@@ -162,6 +162,9 @@ class Trainer:
 
     #: True for algorithms whose ``training_step`` calls ``backward``/``step`` itself.
     manual_steps: ClassVar[bool] = False
+    #: True for algorithms that train on labeled and unlabeled streams together (recipes
+    #: then build a ``SemiSupervisedLoader``).
+    uses_unlabeled_data: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -419,6 +422,17 @@ class Trainer:
         """The accelerator's autocast context (manual-mode steps wrap their forwards in it)."""
         return self.accelerator.autocast()
 
+    def loss_key_of(self, part: str) -> Optional[str]:
+        """The logged value that measures how part ``part`` trains (what the LR finder reads
+        when it sweeps that part); None: the step's loss."""
+        return None
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Models besides the primary (and its EMA) worth evaluating, by name (e.g. the
+        teacher of Meta Pseudo Labels): validated each epoch as ``<name>_val_*`` and tested
+        at the end of a recipe run. Default: none."""
+        return {}
+
     # -- the one thing subclasses change ------------------------------------------------
     def training_step(self, batch: Any) -> StepOutput:
         """Loss of one prepared batch ``(images, targets)``; runs under autocast."""
@@ -588,6 +602,8 @@ class Trainer:
                     metrics.update(self.evaluate(val_loader, prefix="val_"))
                     if self.ema is not None:
                         metrics.update(self.evaluate(val_loader, model=self.ema.module, prefix="ema_val_"))
+                    for name, other in self.evaluation_models().items():
+                        metrics.update(self.evaluate(val_loader, model=other, prefix=f"{name}_val_"))
                 for schedule in self.schedulers.values():
                     if hasattr(schedule, "on_epoch_end"):
                         schedule.on_epoch_end(metrics)
