@@ -46,7 +46,12 @@ def train_run(recipe: str, overrides: Sequence[str], run_dir: str | Path) -> Run
     if finished.is_file():
         return RunResult(run_dir, json.loads(finished.read_text()), read_jsonl(run_dir / "metrics.jsonl"))
     if (run_dir / "last.safetensors").is_file():
-        resolved, last = recipe_of_checkpoint(run_dir, prefer="last")
+        from convrecipes.recipe import parse_override
+        from convrecipes.run import RESUME_SAFE_KEYS
+
+        # overrides that cannot change what the checkpoint means (e.g. how often to validate) apply on resume too
+        safe = [o for o in overrides if parse_override(o)[0] in RESUME_SAFE_KEYS]
+        resolved, last = recipe_of_checkpoint(run_dir, prefer="last", overrides=safe)
         run = train_recipe(resolved, run_dir, resume_from=last)
         run.history = read_jsonl(run_dir / "metrics.jsonl")
         return run

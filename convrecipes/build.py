@@ -253,7 +253,8 @@ def build_model(recipe: Recipe, in_chans: int, num_classes: int, pretrained: Opt
 def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -> Datasets:
     """Load, subset and split the recipe's data (test always; train/val if asked)."""
     d = recipe.data
-    kw = dict(data_dir=d.data_dir, download=d.download, image_size=d.image_size, channels=d.channels)
+    kw = dict(data_dir=d.data_dir, download=d.download, image_size=d.image_size, channels=d.channels,
+              unlabeled_folder=d.unlabeled_folder if d.name == "image_folder" else None)
     test = load_dataset(d.name, "test", **kw)
     if "train" not in splits:
         return Datasets(train=test, val=None, test=test)
@@ -440,7 +441,7 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         accelerator=accelerator, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, callbacks=callbacks, run_dir=run_dir, seed=recipe.seed,
         channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata,
-        log_every_steps=t.log_every_steps, **kwargs,
+        log_every_steps=t.log_every_steps, eval_every_epochs=t.eval_every_epochs, **kwargs,
     )
     return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters)
 

@@ -114,6 +114,7 @@ class TrainerConfig:
     find_unused_parameters: bool = False  # DDP: for steps that leave some parameters without gradient
     log_with: Union[str, list[str], None] = None  # Accelerate trackers: tensorboard, wandb, mlflow, ... (in the run dir)
     log_every_steps: int = 10  # per-step tracker logging (loss, LR) every N steps
+    eval_every_epochs: int = 1  # validate every N epochs and after the last (training is unchanged by it)
     collective_timeout_s: int = 600  # several processes: how long one waits for a stalled other (torch: 1800)
     params: dict[str, Any] = field(default_factory=dict)  # the trainer's own arguments
 
@@ -253,6 +254,7 @@ _RANGES: list[tuple[str, Any, str, str]] = [
     ("trainer.early_stopping_patience", lambda v: v is None or v >= 1, "an integer >= 1 or null",
      "trainer.early_stopping_patience=5"),
     ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1", "trainer.log_every_steps=10"),
+    ("trainer.eval_every_epochs", lambda v: v >= 1, "an integer >= 1", "trainer.eval_every_epochs=5"),
     ("trainer.collective_timeout_s", lambda v: v >= 1, "an integer >= 1 (seconds)", "trainer.collective_timeout_s=600"),
 ]
 

@@ -82,7 +82,8 @@ def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] =
 
 #: recipe keys a resume may change: they do not change what the checkpoint's state means
 RESUME_SAFE_KEYS = ("trainer.epochs", "data.data_dir", "trainer.checkpoint_every_steps", "trainer.progress",
-                    "trainer.log_with", "trainer.log_every_steps", "trainer.early_stopping_patience")
+                    "trainer.log_with", "trainer.log_every_steps", "trainer.early_stopping_patience",
+                    "trainer.eval_every_epochs")
 
 
 def recipe_of_checkpoint(path: PathLike, prefer: str = "last",

@@ -393,3 +393,31 @@ def test_lr_find_of_an_unknown_part_exits_2(tmp_path, capsys):
     code = main(["lr-find", "mpl_digits", *TINY_DIGITS, "--part", "techer", "--num-iters", "4", "--out",
                  str(tmp_path / "x")])
     assert code == 2 and "no optimizer part 'techer'" in capsys.readouterr().err
+
+
+def test_an_image_folder_with_an_unlabeled_folder_trains_mpl_end_to_end(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from convrecipes.build import build
+    from convrecipes.recipe import load_recipe
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the decode cache goes under ~/.cache
+    rng = np.random.RandomState(0)
+    root = tmp_path / "shapes"
+    for name, count in (("dark", 12), ("bright", 12), ("unlabeled", 40)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            level = {"dark": 40, "bright": 200}.get(name, 40 if i % 2 else 200)
+            pixels = np.clip(rng.normal(level, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    recipe = load_recipe("mpl_digits", [
+        "data.name=image_folder", f"data.data_dir={root}", "data.unlabeled_folder=unlabeled", "data.image_size=12",
+        "data.labels_per_class=null", "data.val_fraction=0.25", "data.batch_size=6", "data.unlabeled_batch_size=12",
+        "trainer.progress=false", "trainer.epochs=2", "trainer.params.finetune_epochs=1", "model.kwargs.width=4"])
+    exp = build(recipe)
+    assert exp.datasets.train.classes == ["bright", "dark"], "the unlabeled folder is not a class"
+    assert len(exp.datasets.unlabeled) == 40 and bool((exp.datasets.unlabeled.labels == -1).all())
+    history = exp.trainer.fit(exp.train_loader, exp.val_loader, epochs=2)
+    assert "pseudo_label_acc" not in history[0], "no hidden labels to compare with"
+    assert "teacher_val_top1" in history[-1]

@@ -181,3 +181,19 @@ def test_resume_into_another_architecture_is_a_clear_error(blobs, tmp_path):
     other = _trainer(_mlp())
     with pytest.raises(CheckpointError, match="another architecture"):
         other.load_checkpoint(tmp_path / "last.safetensors")
+
+
+def test_eval_every_epochs_validates_less_and_trains_the_same_weights(tmp_path):
+    from convrecipes.build import build
+    from convrecipes.recipe import load_recipe
+
+    args = ["trainer.progress=false", "model.kwargs.width=4", "data.subset_per_class=20", "data.batch_size=16",
+            "trainer.epochs=5", "schedule.warmup_epochs=0"]
+    every = build(load_recipe("quickstart", args), run_dir=tmp_path / "a")
+    sparse = build(load_recipe("quickstart", args + ["trainer.eval_every_epochs=2"]), run_dir=tmp_path / "b")
+    every.trainer.fit(every.train_loader, every.val_loader, epochs=5)
+    history = sparse.trainer.fit(sparse.train_loader, sparse.val_loader, epochs=5)
+    assert [("val_top1" in m) for m in history] == [False, True, False, True, True]  # every 2nd and the last
+    a, b = every.trainer.unwrapped_model.state_dict(), sparse.trainer.unwrapped_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "b" / "best.safetensors").is_file()

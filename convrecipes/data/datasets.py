@@ -47,6 +47,7 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     channels: int | None = None,
+    unlabeled_folder: str | None = None,
 ) -> ImageTensorDataset:
     """Load split ``split`` of the registered dataset ``name``.
 
@@ -59,6 +60,8 @@ def load_dataset(
         image_size: resize to ``image_size x image_size`` if given (``image_folder``
             defaults to 64; the others keep their native size).
         channels: 1 or 3, converting grayscale <-> RGB if given.
+        unlabeled_folder: ``image_folder`` only: the subfolder holding unlabeled images,
+            which is then not a class (load it with ``image_folder.load_unlabeled_folder``).
 
     Returns:
         Images ``(N, C, H, W)`` uint8, labels ``(N,)`` int64 and class names.
@@ -75,7 +78,9 @@ def load_dataset(
         raise DataError(f"image_size must be a positive integer, got {image_size!r}; e.g. data.image_size=32")
     if channels is not None and channels not in (1, 3):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}; e.g. data.channels=3")
-    dataset = builder(split=split, data_dir=data_dir, download=download, image_size=image_size, channels=channels)
+    extra = {"unlabeled_folder": unlabeled_folder} if unlabeled_folder is not None else {}
+    dataset = builder(split=split, data_dir=data_dir, download=download, image_size=image_size, channels=channels,
+                      **extra)
     if channels is not None:
         dataset.images = convert_channels(dataset.images, channels)
     if image_size is not None:
@@ -326,6 +331,7 @@ def load_image_folder_dataset(
     data_dir: str | None = None,
     image_size: int | None = None,
     channels: int | None = None,
+    unlabeled_folder: str | None = None,
     **_: object,
 ) -> ImageTensorDataset:
     """Your own images, one subfolder per class (see ``convrecipes.data.image_folder``).
@@ -344,6 +350,7 @@ def load_image_folder_dataset(
         image_size=image_size if image_size is not None else 64,
         channels=channels if channels is not None else 3,
         cache_dir=DEFAULT_CACHE_DIR,
+        unlabeled_folder=unlabeled_folder,
     )
 
 

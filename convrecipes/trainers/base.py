@@ -158,6 +158,9 @@ class Trainer:
         log_with: Accelerate tracker(s) ("tensorboard", "wandb", "mlflow", ...; needs
             ``run_dir``); used when the trainer makes the accelerator.
         log_every_steps: per-step tracker logging interval (loss and LR).
+        eval_every_epochs: validate every this many epochs and after the last (validation
+            never changes training: the weights are the same for any value; a plateau
+            schedule and early stopping then count validations, not epochs).
     """
 
     #: True for algorithms whose ``training_step`` calls ``backward``/``step`` itself.
@@ -193,6 +196,7 @@ class Trainer:
         find_unused_parameters: bool = False,
         log_with: Optional[Union[str, Sequence[str]]] = None,
         log_every_steps: int = 10,
+        eval_every_epochs: int = 1,
     ) -> None:
         models, optimizers, schedulers, primary = self._named_parts(model, optimizer, scheduler, models, optimizers,
                                                                     schedulers, primary)
@@ -207,6 +211,9 @@ class Trainer:
         if grad_clip is not None and not grad_clip > 0:
             raise RecipeError(f"grad_clip must be > 0 (a maximum gradient norm), got {grad_clip}; e.g. "
                               f"trainer.grad_clip=1.0, or leave it unset for no clipping")
+        if isinstance(eval_every_epochs, bool) or not isinstance(eval_every_epochs, int) or eval_every_epochs < 1:
+            raise RecipeError(f"eval_every_epochs must be an integer >= 1, got {eval_every_epochs!r}")
+        self.eval_every_epochs = eval_every_epochs
         if not isinstance(log_every_steps, int) or log_every_steps < 1:
             raise RecipeError(f"log_every_steps must be an integer >= 1, got {log_every_steps!r}")
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -260,6 +267,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.global_step = 0
         self.should_stop = False
+        self.validated = True  # whether the last epoch was validated (eval_every_epochs)
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Optional[Path] = None
         # running sums of the logged values over the epoch (device tensors: no host sync per step)
@@ -598,14 +606,17 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, self.epoch)
                 metrics = {"epoch": self.epoch + 1, **self._train_epoch(train_loader, epochs)}
-                if val_loader is not None:
+                due = (self.epoch + 1) % self.eval_every_epochs == 0 or self.epoch + 1 == epochs
+                #: False on an epoch whose validation was skipped (eval_every_epochs)
+                self.validated = val_loader is None or due
+                if val_loader is not None and due:
                     metrics.update(self.evaluate(val_loader, prefix="val_"))
                     if self.ema is not None:
                         metrics.update(self.evaluate(val_loader, model=self.ema.module, prefix="ema_val_"))
                     for name, other in self.evaluation_models().items():
                         metrics.update(self.evaluate(val_loader, model=other, prefix=f"{name}_val_"))
                 for schedule in self.schedulers.values():
-                    if hasattr(schedule, "on_epoch_end"):
+                    if hasattr(schedule, "on_epoch_end") and self.validated:
                         schedule.on_epoch_end(metrics)
                 self.epoch += 1
                 self.batch_in_epoch = 0

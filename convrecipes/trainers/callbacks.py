@@ -132,7 +132,9 @@ class ModelCheckpoint(Callback):
         improved = False
         if self.monitor is not None:
             value = metrics.get(self.monitor)
-            if value is None or not math.isfinite(value):
+            if value is None and not getattr(trainer, "validated", True):
+                pass  # validation skipped this epoch (eval_every_epochs): nothing to compare
+            elif value is None or not math.isfinite(value):
                 if not self._warned:
                     trainer.print(f"checkpoint: metric {self.monitor!r} is not logged; keeping only last.safetensors")
                     self._warned = True
