@@ -80,8 +80,8 @@ def main() -> None:
     root = Path(args.runs_dir or f"runs/mpl_compare_{args.family}")
     methods = {"supervised": (supervised, [], args.seeds), "uda": (uda, [], args.seeds),
                "mpl": (mpl, [], args.seeds),
-               "mpl_feedback_off": (mpl, ["trainer.params.feedback=off"], args.ablation_seeds),
-               "mpl_feedback_flipped": (mpl, ["trainer.params.feedback=flipped"], args.ablation_seeds)}
+               "mpl_feedback_off": (mpl, ["trainer.params.feedback='off'"], args.ablation_seeds),
+               "mpl_feedback_flipped": (mpl, ["trainer.params.feedback='flipped'"], args.ablation_seeds)}
     calls, keys = [], []
     for method, (recipe, extra, seeds) in methods.items():
         for seed in seeds:

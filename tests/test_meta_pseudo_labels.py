@@ -209,6 +209,8 @@ def test_feedback_modes_pseudo_label_modes_and_the_baseline():
     assert float(teacher_feedback(old, new, "on")) == 0.25
     assert float(teacher_feedback(old, new, "flipped")) == -0.25
     assert float(teacher_feedback(old, new, "off")) == 0.0
+    # an unquoted YAML off/on arrives as a bool and means the same
+    assert _mpl(_linear(1), _linear(2), feedback=False).feedback == "off"
     logits = torch.tensor([[0.0, 5.0, 0.0], [3.0, 0.0, 0.0]])
     assert pseudo_labels(logits, "argmax").tolist() == [1, 0]
     torch.manual_seed(0)

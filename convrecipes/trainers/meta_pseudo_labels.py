@@ -212,6 +212,8 @@ class MetaPseudoLabelsTrainer(Trainer):
                  uda_ramp_steps: int = 0, finetune_epochs: int = 0,
                  finetune_optimizer: Optional[torch.optim.Optimizer] = None, finetune_scheduler: Any = None,
                  **kwargs: Any) -> None:
+        if isinstance(feedback, bool):  # YAML 1.1 reads an unquoted on/off as true/false
+            feedback = "on" if feedback else "off"
         if pseudo_labels not in PSEUDO_LABEL_MODES:
             raise RecipeError(f"pseudo_labels must be one of {', '.join(PSEUDO_LABEL_MODES)}, got {pseudo_labels!r}; "
                               f"e.g. trainer.params.pseudo_labels=sample")

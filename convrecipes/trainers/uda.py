@@ -27,9 +27,9 @@ Data: the loader is a ``SemiSupervisedLoader`` (build one with ``data.labels_per
 or ``data.unlabeled_folder`` in a recipe); the labeled batch goes through the trainer's
 ``augment``, each unlabeled batch through ``weak_augment`` and ``strong_augment``, on the
 device, drawn from torch's global generator (so differently on every process, as the base
-seeds it). The unlabeled images' true labels are never trained on; the trainer only logs
-how often the confident weak predictions agree with them (``uda_mask``-ed agreement is not
-logged; ``pseudo_label_acc`` is, for analysis).
+seeds it). The unlabeled images' true labels (when the data has them) are never trained
+on; the trainer only logs how often its weak-view predictions agree with them
+(``pseudo_label_acc``, for analysis).
 """
 
 from __future__ import annotations
