@@ -273,7 +273,6 @@ def test_uda_trainer_step_is_cross_entropy_plus_the_ramped_term():
     trainer.train_step([batch])
     params = [p.clone().requires_grad_(True) for p in w0]
     sup = F.cross_entropy(_linear_logits(params, views.labeled_images), views.labels)
-    cons, _ = uda_consistency(_linear_logits(params, views.weak_images), _linear_logits(params, views.strong_images))
     # threshold 0 keeps every image; the weight at step 1 of a 4-step ramp is 2 * 1/4
     cons, _ = uda_consistency(_linear_logits(params, views.weak_images), _linear_logits(params, views.strong_images),
                               threshold=0.0)
