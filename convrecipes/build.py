@@ -41,6 +41,8 @@ class Datasets:
     #: images without labels (their labels -1, or hidden ones kept only for analysis), for
     #: semi-supervised trainers; None when the recipe names none
     unlabeled: Optional[ImageTensorDataset] = None
+    #: what injected label noise changed (``data.label_noise``), else None
+    label_noise: Any = None
 
     @property
     def num_classes(self) -> int:
@@ -262,10 +264,19 @@ def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -
     if d.subset_fraction is not None or d.subset_per_class is not None:
         train = train.subset(subset_indices(train.labels, fraction=d.subset_fraction,
                                             per_class=d.subset_per_class, seed=recipe.seed))
+    noise = None
+    if d.label_noise is not None:
+        train, noise = _inject_label_noise(train, recipe)
     val = None
     if d.val_fraction > 0:
-        train_idx, val_idx = stratified_split(train.labels, d.val_fraction, seed=recipe.seed)
+        # stratified by the true labels, so the partition is the same with and without noise
+        by = train.clean_labels if train.clean_labels is not None else train.labels
+        train_idx, val_idx = stratified_split(by, d.val_fraction, seed=recipe.seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
+        if noise is not None:
+            noise.extra["flipped_in_val"] = int((val.labels != val.clean_labels).sum())
+            if d.label_noise.clean_val:
+                val.labels = val.clean_labels.clone()
     unlabeled = None
     if d.labels_per_class is not None:
         # after the validation split: validation images are never unlabeled training data
@@ -277,7 +288,22 @@ def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -
     if d.unlabeled_folder is not None:
         folder = _load_unlabeled_folder(recipe, train.classes)
         unlabeled = folder if unlabeled is None else _concat(unlabeled, folder)
-    return Datasets(train=train, val=val, test=test, unlabeled=unlabeled)
+    return Datasets(train=train, val=val, test=test, unlabeled=unlabeled, label_noise=noise)
+
+
+def _inject_label_noise(train: ImageTensorDataset, recipe: Recipe) -> tuple[ImageTensorDataset, Any]:
+    """``train`` with noisy labels (the true ones kept as ``clean_labels``) and the report,
+    whose ``flipped`` are dataset indices (``train.indices``)."""
+    import dataclasses
+
+    from convrecipes.data.label_noise import LabelNoise, apply_label_noise
+
+    noise = LabelNoise(**dataclasses.asdict(recipe.data.label_noise))
+    noisy, report = apply_label_noise(train.labels, train.classes, noise, seed=recipe.seed)
+    report.flipped = train.indices[torch.as_tensor(report.flipped, dtype=torch.long)].tolist()
+    clean = train.labels.clone()
+    return ImageTensorDataset(train.images, noisy, list(train.classes), clean_labels=clean, origin=train.origin,
+                              files=train.files), report
 
 
 def _labeled_indices(train: ImageTensorDataset, per_class: int, seed: int) -> torch.Tensor:
@@ -421,6 +447,12 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
                                          mode=t.monitor_mode, every_n_steps=t.checkpoint_every_steps))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.early_stopping_patience))
+    if datasets.label_noise is not None:  # the true labels are known: log the memorisation curve
+        from convrecipes.trainers.memorisation import MemorisationCurve, flipped_subset
+
+        flipped = flipped_subset(train, seed=recipe.seed)
+        if flipped is not None:
+            callbacks.append(MemorisationCurve(_eval_loader(flipped, recipe, accelerator), num_classes))
     params = _trainer_params(recipe)
     if t.name in TRAINER_BUILDERS:
         ctx = TrainerContext(recipe, num_classes, channels, (height, width), list(a.mean), list(a.std),

@@ -1,4 +1,4 @@
-"""Command line: ``convrecipes train|evaluate|recipes|lr-find`` (and ``lr-find``).
+"""Command line: ``convrecipes train|evaluate|recipes|lr-find|find-label-issues`` (and ``lr-find``).
 
 User errors (a bad recipe key, missing data, a wrong checkpoint, a NaN loss) print one
 message and exit with code 2; no traceback.
@@ -128,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Sweep the LR of a recipe's own training step; writes lr_find.json and lr_find.png.")
     add_lr_find_arguments(lrf)
     lrf.set_defaults(func=cmd_lr_find)
+    from convrecipes.label_issues import add_arguments as add_label_issues_arguments, cmd_find_label_issues
+
+    fli = sub.add_parser("find-label-issues", help="rank the training images whose label is probably wrong",
+                         description="Cross-train the recipe on k folds and flag the images a model that never "
+                                     "saw them confidently puts in another class (confident learning); writes "
+                                     "label_issues.csv, label_issues.png and label_issues_summary.json.")
+    add_label_issues_arguments(fli)
+    fli.set_defaults(func=cmd_find_label_issues)
     return parser
 
 

@@ -20,6 +20,20 @@ from convrecipes.errors import RecipeError
 
 
 @dataclass
+class LabelNoiseConfig:
+    """Injected label noise, for experiments (``convrecipes.data.label_noise``): applied to
+    the training split (validation included, unless ``clean_val``), seeded, recorded in the
+    run directory as ``label_noise.json``. The test split stays clean."""
+
+    kind: str = "symmetric"  # symmetric, pair or permutation
+    rate: float = 0.2  # flip probability, in [0, 1)
+    seed: Optional[int] = None  # None: the recipe's seed
+    pairs: Any = None  # pair noise: {shirt: t_shirt} or ["shirt<->t_shirt"]; None: class i -> i + 1
+    permutation: Optional[list[int]] = None  # permutation noise's derangement; None: drawn from the seed
+    clean_val: bool = False  # keep the validation split's labels clean
+
+
+@dataclass
 class DataConfig:
     """Which images, how they are split and batched."""
 
@@ -39,6 +53,7 @@ class DataConfig:
     labels_per_class: Optional[int] = None
     unlabeled_folder: Optional[str] = None  # image_folder: a subfolder of data_dir holding unlabeled images
     unlabeled_batch_size: Optional[int] = None  # GLOBAL unlabeled batch per step (None: 4 x batch_size)
+    label_noise: Optional[LabelNoiseConfig] = None  # inject label noise into the training split (experiments)
 
 
 @dataclass
@@ -211,7 +226,30 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     _validate_loss(recipe.loss)
     _validate_lr(recipe.optimizer)
     _validate_ranges(recipe)
+    _validate_label_noise(recipe.data.label_noise)
     return recipe
+
+
+NOISE_KINDS = ("symmetric", "pair", "permutation")  # convrecipes.data.label_noise.NOISE_KINDS
+
+
+def _validate_label_noise(noise: Optional[LabelNoiseConfig]) -> None:
+    if noise is None:
+        return
+    if noise.kind not in NOISE_KINDS:
+        close = difflib.get_close_matches(noise.kind, NOISE_KINDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"unknown label noise kind {noise.kind!r}{hint} (data.label_noise.kind); valid: "
+                          f"{', '.join(NOISE_KINDS)}")
+    if not 0.0 <= noise.rate < 1.0:
+        raise RecipeError(f"recipe key 'data.label_noise.rate' must be in [0, 1), got {noise.rate!r}; e.g. "
+                          f"data.label_noise.rate=0.44 (a rate of 1 leaves no correct label to learn from)")
+    if noise.pairs is not None and noise.kind != "pair":
+        raise RecipeError(f"data.label_noise.pairs is for kind 'pair', but kind is {noise.kind!r}; remove pairs or "
+                          f"set data.label_noise.kind=pair")
+    if noise.permutation is not None and noise.kind != "permutation":
+        raise RecipeError(f"data.label_noise.permutation is for kind 'permutation', but kind is {noise.kind!r}; "
+                          f"remove it or set data.label_noise.kind=permutation")
 
 
 # (key, test, what it must be, a good example): checked after the types
@@ -347,6 +385,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return _coerce(value, options[0], key)  # an optional section: its own message (e.g. an unknown key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -306,6 +306,16 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, run_dir / "recipe.yaml")  # resolved, with the computed mean/std
     ds = exp.datasets
+    if ds.label_noise is not None:
+        from convrecipes.data.label_noise import NOISE_FILE
+
+        if accelerator.is_main_process:
+            ds.label_noise.write(run_dir / NOISE_FILE)
+        n = ds.label_noise.extra["num_labels"]
+        trainer.print(f"label noise: {recipe.data.label_noise.kind} at rate {recipe.data.label_noise.rate}: "
+                      f"{len(ds.label_noise.flipped)} of {n} training labels flipped "
+                      f"({ds.label_noise.extra.get('flipped_in_val', 0)} of them in the validation split"
+                      f"{', kept clean' if recipe.data.label_noise.clean_val else ''}); see {run_dir / NOISE_FILE}")
     trainer.print(
         f"recipe {recipe.name}: {recipe.data.name} train {len(ds.train)} / val {len(ds.val) if ds.val else 0} / "
         f"test {len(ds.test)} images of {tuple(ds.train.image_shape)}, {ds.num_classes} classes; model "

@@ -56,7 +56,7 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".t
 HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0  # fixed, independent of any recipe seed: the test split must never move
 PROGRESS_BAR_MIN_FILES = 1000
-_CACHE_FORMAT = "1"
+_CACHE_FORMAT = "2"  # 2: the cache also names each image's file
 
 
 def decode_image(path: str | Path, image_size: int, channels: int) -> np.ndarray:
@@ -178,7 +178,7 @@ def _read_cache(path: Path) -> tuple[ImageTensorDataset, list[str]] | None:
             if meta.get("format") != _CACHE_FORMAT:
                 return None
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
-        dataset = ImageTensorDataset(images, labels, json.loads(meta["classes"]))
+        dataset = ImageTensorDataset(images, labels, json.loads(meta["classes"]), files=json.loads(meta["files"]))
         return dataset, json.loads(meta.get("unreadable", "[]"))
     except Exception as e:  # a damaged cache only costs a re-decode
         logger.warning("ignoring unreadable image cache %s (%s); decoding again", path, e)
@@ -195,6 +195,7 @@ def _write_cache(path: Path, dataset: ImageTensorDataset, unreadable: list[str])
             "format": _CACHE_FORMAT,
             "classes": json.dumps(dataset.classes),
             "unreadable": json.dumps(unreadable),
+            "files": json.dumps(dataset.files or []),
         }
         save_file({"images": dataset.images.contiguous(), "labels": dataset.labels}, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o644)  # the writer makes it owner-only; others sharing the data folder read it too
@@ -247,6 +248,7 @@ def _decode_all(
 
     images = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
     labels: list[int] = []
+    readable: list[str] = []
     unreadable: list[str] = []
     progress = tqdm(files, desc=f"decoding {root}", unit="img", disable=len(files) <= PROGRESS_BAR_MIN_FILES)
     for rel, label in progress:
@@ -257,13 +259,15 @@ def _decode_all(
             unreadable.append(f"{path} ({type(e).__name__}: {e})")
             continue
         labels.append(label)
+        readable.append(rel)
     if not labels:
         raise DataError(
             f"none of the {len(files)} image files under {root} could be read (e.g. {unreadable[0]}); "
             f"check that they are images PIL can open"
         )
     dataset = ImageTensorDataset(
-        torch.from_numpy(images[: len(labels)].copy()), torch.tensor(labels, dtype=torch.long), list(classes)
+        torch.from_numpy(images[: len(labels)].copy()), torch.tensor(labels, dtype=torch.long), list(classes),
+        files=readable,
     )
     return dataset, unreadable
 

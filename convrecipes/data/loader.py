@@ -17,18 +17,36 @@ import torch
 
 @dataclass
 class ImageTensorDataset:
-    """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64, plus class names."""
+    """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64, plus class names.
+
+    Optional per-image facts, carried through ``subset``: ``clean_labels`` (the true labels
+    when label noise was injected: ``labels`` are then the noisy ones), ``origin`` (each
+    image's index in the split it was loaded from, so a subset still names its images) and
+    ``files`` (``image_folder``: each image's path relative to the data directory).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    clean_labels: Optional[torch.Tensor] = None
+    origin: Optional[torch.Tensor] = None
+    files: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+        n = self.images.shape[0]
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
         self.labels = self.labels.long()
+        for name in ("clean_labels", "origin"):
+            value = getattr(self, name)
+            if value is not None:
+                if value.shape != (n,):
+                    raise ValueError(f"{name} must be ({n},), got {tuple(value.shape)}")
+                setattr(self, name, value.long())
+        if self.files is not None and len(self.files) != n:
+            raise ValueError(f"files must name {n} images, got {len(self.files)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -41,10 +59,18 @@ class ImageTensorDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def indices(self) -> torch.Tensor:
+        """Each image's index in the split it was loaded from (``origin``, else ``0..N-1``)."""
+        return self.origin if self.origin is not None else torch.arange(len(self))
+
     def subset(self, indices: torch.Tensor) -> "ImageTensorDataset":
         """A new dataset holding the rows ``indices`` (copied, so the parent can be freed)."""
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return ImageTensorDataset(self.images[indices].clone(), self.labels[indices].clone(), list(self.classes))
+        clean = self.clean_labels[indices].clone() if self.clean_labels is not None else None
+        files = [self.files[i] for i in indices.tolist()] if self.files is not None else None
+        return ImageTensorDataset(self.images[indices].clone(), self.labels[indices].clone(), list(self.classes),
+                                  clean_labels=clean, origin=self.indices[indices].clone(), files=files)
 
 
 class EpochLoader(Protocol):

@@ -17,6 +17,12 @@ from convrecipes.losses.angular_softmax import (
     sphereface_lambda,
     sphereface_psi,
 )
+from convrecipes.losses.bootstrapping import (
+    HardBootstrappingLoss,
+    SoftBootstrappingLoss,
+    hard_bootstrapping_loss,
+    soft_bootstrapping_loss,
+)
 from convrecipes.losses.center import CenterLoss
 from convrecipes.losses.composite import WeightedSumLoss, loss_param_groups
 from convrecipes.losses.cross_entropy import (
@@ -33,18 +39,22 @@ __all__ = [
     "AngularSoftmaxLoss",
     "CenterLoss",
     "CrossEntropyLoss",
+    "HardBootstrappingLoss",
     "LabelSmoothingCrossEntropy",
     "LossOutput",
     "MultiClassHingeLoss",
+    "SoftBootstrappingLoss",
     "TripletLoss",
     "WeightedSumLoss",
     "as_loss_output",
     "build_loss",
     "cos_multiple_angle",
+    "hard_bootstrapping_loss",
     "label_smoothing_cross_entropy",
     "loss_param_groups",
     "multi_class_hinge_loss",
     "pairwise_distances",
+    "soft_bootstrapping_loss",
     "sphereface_lambda",
     "sphereface_psi",
     "triplet_loss",

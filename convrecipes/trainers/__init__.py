@@ -2,6 +2,7 @@
 
 from convrecipes.registry import Registry
 from convrecipes.trainers.base import StepOutput, Trainer
+from convrecipes.trainers.bootstrapping import BootstrappingTrainer
 from convrecipes.trainers.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from convrecipes.trainers.distillation import DistillationTrainer
 from convrecipes.trainers.meta_pseudo_labels import MetaPseudoLabelsTrainer
@@ -13,9 +14,10 @@ TRAINERS.register("supervised")(SupervisedTrainer)
 TRAINERS.register("distillation")(DistillationTrainer)
 TRAINERS.register("uda")(UDATrainer)
 TRAINERS.register("mpl")(MetaPseudoLabelsTrainer)
+TRAINERS.register("bootstrapping")(BootstrappingTrainer)
 
 __all__ = [
     "TRAINERS", "Trainer", "StepOutput", "SupervisedTrainer", "DistillationTrainer", "UDATrainer",
-    "MetaPseudoLabelsTrainer",
+    "MetaPseudoLabelsTrainer", "BootstrappingTrainer",
     "Callback", "EarlyStopping", "ModelCheckpoint",
 ]

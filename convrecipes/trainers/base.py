@@ -615,6 +615,8 @@ class Trainer:
                         metrics.update(self.evaluate(val_loader, model=self.ema.module, prefix="ema_val_"))
                     for name, other in self.evaluation_models().items():
                         metrics.update(self.evaluate(val_loader, model=other, prefix=f"{name}_val_"))
+                for cb in self.callbacks:
+                    cb.on_validation_end(self, metrics)
                 for schedule in self.schedulers.values():
                     if hasattr(schedule, "on_epoch_end") and self.validated:
                         schedule.on_epoch_end(metrics)

@@ -48,6 +48,11 @@ class Callback:
         the step's logged values as 0-dim tensors: ``train_loss`` (the mean over the step's
         samples) and whatever the algorithm logs; ``float()`` on one waits for the device."""
 
+    def on_validation_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After each epoch's training and validation, before the epoch is logged: a
+        callback may add entries to ``metrics`` (they are logged, plotted and checkpointed
+        like the others). ``trainer.validated`` says whether validation ran this epoch."""
+
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         """After each epoch's training and evaluation, with that epoch's metrics."""
 
@@ -69,6 +74,11 @@ class EarlyStopping(Callback):
         self.monitor, self.mode, self.patience, self.min_delta = monitor, _check_mode(mode), patience, min_delta
         self.best: Optional[float] = None
         self.bad_epochs = 0
+
+    def on_validation_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After each epoch's training and validation, before the epoch is logged: a
+        callback may add entries to ``metrics`` (they are logged, plotted and checkpointed
+        like the others). ``trainer.validated`` says whether validation ran this epoch."""
 
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
@@ -127,6 +137,11 @@ class ModelCheckpoint(Callback):
     def on_step_end(self, trainer: "Trainer", global_step: int, logs: Optional[dict[str, Any]] = None) -> None:
         if self.every_n_steps and global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.last_path)
+
+    def on_validation_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After each epoch's training and validation, before the epoch is logged: a
+        callback may add entries to ``metrics`` (they are logged, plotted and checkpointed
+        like the others). ``trainer.validated`` says whether validation ran this epoch."""
 
     def on_epoch_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
         improved = False

@@ -61,21 +61,25 @@ def plot_curves(records: Iterable[dict], path: Path, title: Optional[str] = None
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    keys = list(dict.fromkeys(k for r in records for k in r))  # every key any epoch logged, in order
     panels = [
-        ("loss", [k for k in records[-1] if k.endswith("loss")]),
-        ("accuracy (%)", [k for k in records[-1] if k.endswith(("top1", "top5"))]),
+        ("loss", [k for k in keys if k.endswith("loss")]),
+        ("accuracy (%)", [k for k in keys if k.endswith(("top1", "top5"))]),
         ("learning rate", ["lr"]),
     ]
-    for ax, (label, keys) in zip(axes, panels):
-        for key in keys:
-            ys = [r.get(key) for r in records]
-            if any(y is not None for y in ys):
-                ax.plot(epochs, ys, marker="o", markersize=3, label=key)
+    memorisation = [k for k in keys if k.startswith("flipped_pred_")]
+    if memorisation:  # label-noise runs: what the model predicts for the flipped training labels
+        panels.append(("flipped training labels predicted as (%)", memorisation))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
+    for ax, (label, panel_keys) in zip(axes, panels):
+        for key in panel_keys:
+            points = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
+            if points:  # epochs without the key (eval_every_epochs) are skipped, not plotted as gaps
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if keys and label != "learning rate":
+        if panel_keys and label != "learning rate":
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
