@@ -248,7 +248,7 @@ def find_label_issues(
                 from safetensors.torch import save_file
 
                 tmp = fold_dir / f".{FOLD_DONE}.tmp"
-                save_file({"probs": fold_probs.float().contiguous(), "indices": held}, str(tmp))
+                save_file({"probs": fold_probs.contiguous(), "indices": held}, str(tmp))  # float64: a resume ranks alike
                 os.replace(tmp, done)
             accelerator.wait_for_everyone()
         finally:

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from convrecipes.errors import RecipeError, UnknownNameError
-from convrecipes.models import Classifier, ModelOutput, create_model
+from convrecipes.models import Classifier, ModelOutput, count_parameters, create_model
 from convrecipes.models import small_image
 
 OURS = list(small_image.__all__)  # every name @register_model added
@@ -15,7 +15,7 @@ OURS = list(small_image.__all__)  # every name @register_model added
 
 def test_all_our_models_are_registered_with_timm():
     assert OURS == list(small_image.MODELS) == ["tiny_cnn", "small_resnet8", "small_resnet14", "small_resnet20",
-                                               "small_resnet32"]
+                                               "small_resnet32", "small_mlp"]
     assert all(timm.is_model(name) for name in OURS)
 
 
@@ -98,3 +98,20 @@ def test_timm_model_builds_with_real_kwargs():
 def test_unknown_model_name_lists_close_matches():
     with pytest.raises(UnknownNameError, match="tiny_cnn"):
         create_model("tiny_cn", 1, 3)
+
+
+def test_small_mlp_is_pool_flatten_and_relu_layers():
+    """Parameter count against the layer sizes (784-512-512-10), and the forward equals the
+    layers applied by hand; other image sizes are pooled/repeated to pool_size."""
+    model = create_model("small_mlp", in_chans=1, num_classes=10).eval()
+    assert count_parameters(model) == (784 * 512 + 512) + (512 * 512 + 512) + (512 * 10 + 10)
+    x = torch.randn(3, 1, 28, 28)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    h = x.flatten(1)
+    for layer in linears[:-1]:
+        h = torch.relu(h @ layer.weight.T + layer.bias)
+    expected = h @ linears[-1].weight.T + linears[-1].bias
+    torch.testing.assert_close(model(x), expected)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        create_model("small_mlp", in_chans=1, num_classes=10, drop_path_rate=0.1)

@@ -175,12 +175,46 @@ class SmallResNet(_ClassifierMixin, nn.Module):
 
 # name -> (class, arguments the entrypoint fixes); convrecipes.models.create_model checks
 # model.kwargs against the class signature less these.
+class SmallMLP(_ClassifierMixin, nn.Module):
+    """A multilayer perceptron: the image average-pooled (or repeated) to ``pool_size`` x
+    ``pool_size`` (28 leaves a 28 px image as it is), flattened, then ``depth`` hidden
+    layers of ``width`` ReLU units. No convolution and no normalisation: the classic
+    MNIST-scale baseline, fast on a CPU, and free to memorise its labels (the label-noise
+    experiments use it for that)."""
+
+    def __init__(self, in_chans: int = 1, num_classes: int = 10, width: int = 512, depth: int = 2,
+                 pool_size: int = 28, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        _check_common(in_chans, num_classes, width, drop_rate)
+        _check_int("depth", depth, 1)
+        _check_int("pool_size", pool_size, 1)
+        if drop_path_rate:
+            raise ModelArgumentError("drop_path_rate", f"small_mlp has no residual paths: drop_path_rate must be 0, "
+                                                       f"got {drop_path_rate!r}")
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
+        features = in_chans * pool_size * pool_size
+        for _ in range(depth):
+            layers += [nn.Linear(features, width), nn.ReLU(inplace=True)]
+            features = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = width
+        self.drop_rate = drop_rate
+        self._init_classifier(num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "tiny_cnn": (TinyCNN, {}),
     "small_resnet8": (SmallResNet, {"depth": 1}),
     "small_resnet14": (SmallResNet, {"depth": 2}),
     "small_resnet20": (SmallResNet, {"depth": 3}),
     "small_resnet32": (SmallResNet, {"depth": 5}),
+    "small_mlp": (SmallMLP, {}),
 }
 
 
@@ -221,3 +255,9 @@ def small_resnet20(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
 def small_resnet32(pretrained: bool = False, **kwargs: Any) -> SmallResNet:
     """CIFAR-style ResNet-32 (5 blocks per stage)."""
     return _build("small_resnet32", pretrained, kwargs)
+
+
+@register_model
+def small_mlp(pretrained: bool = False, **kwargs: Any) -> SmallMLP:
+    """Multilayer perceptron, 2 hidden layers of 512 by default (669K parameters at 28 px, 1 channel)."""
+    return _build("small_mlp", pretrained, kwargs)
