@@ -410,3 +410,41 @@ def test_flipped_subset_encodes_true_and_noisy():
     assert torch.equal(sub.images[:, 0, 0, 0], torch.tensor([1, 3, 4], dtype=torch.uint8))
     small = flipped_subset(ds, max_images=2, seed=0)
     assert len(small) == 2 and set(small.labels.tolist()) <= set(sub.labels.tolist())
+
+
+def test_a_noisy_run_records_the_noise_and_logs_the_memorisation_curve(tmp_path):
+    """label_noise.json names the flipped dataset indices; each validated epoch logs what the
+    model predicts for a sample of them, recomputed here from the run's final weights."""
+    import json
+
+    from convrecipes.cli import main as cli_main
+
+    run = tmp_path / "run"
+    args = ["train", "quickstart", "--run-dir", str(run), "trainer.epochs=2", "trainer.progress=false",
+            "data.label_noise.kind=permutation", "data.label_noise.rate=0.44"]
+    assert cli_main(args) == 0
+    noise = json.loads((run / "label_noise.json").read_text())
+    assert noise["kind"] == "permutation" and noise["num_flipped"] == len(noise["flipped"]) > 0
+    pi = noise["permutation"]
+    assert sorted(pi) == list(range(10)) and all(pi[i] != i for i in range(10))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("flipped_pred_noisy" in r and "flipped_pred_true" in r for r in records)
+    # recompute the last epoch's curve from the final weights on the same flipped training images
+    from convrecipes.build import build, load_datasets
+    from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of
+    from convrecipes.recipe import load_recipe
+
+    recipe = load_recipe("quickstart", args[4:])
+    exp = build(recipe, datasets=load_datasets(recipe))
+    state, _ = load_checkpoint(run / "last.safetensors")
+    load_model_weights(exp.trainer.unwrapped_model, model_weights_of(state, run), run)
+    train = exp.datasets.train
+    flipped = (train.labels != train.clean_labels).nonzero().squeeze(1)
+    model = exp.trainer.unwrapped_model.eval()
+    with torch.no_grad():
+        images = exp.trainer.eval_transform(train.images[flipped].float() / 255, train.labels[flipped])[0]
+        predicted = model(images).argmax(1)
+    assert records[-1]["flipped_pred_noisy"] == pytest.approx(
+        100 * float((predicted == train.labels[flipped]).float().mean()), abs=1e-6)
+    assert records[-1]["flipped_pred_true"] == pytest.approx(
+        100 * float((predicted == train.clean_labels[flipped]).float().mean()), abs=1e-6)
