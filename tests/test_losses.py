@@ -585,7 +585,8 @@ def test_loss_param_groups_use_each_loss_lr():
 
 
 def test_registry_names():
-    assert LOSSES.names() == sorted(["cross_entropy", "label_smoothing_ce", "hinge", "triplet", "center", "angular_softmax"])
+    assert LOSSES.names() == sorted(["cross_entropy", "label_smoothing_ce", "hinge", "triplet", "center", "angular_softmax",
+                                           "soft_bootstrapping", "hard_bootstrapping"])
 
 
 def test_build_loss_single_and_composite():

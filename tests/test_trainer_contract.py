@@ -62,6 +62,10 @@ CONTRACT_OVERRIDES = {
     # 5 labels per class of the 27 left after validation: 50 labeled, 220 unlabeled images
     "uda": lambda teacher: ["trainer.name=uda", "data.labels_per_class=5"],
     "mpl": lambda teacher: ["trainer.name=mpl", "data.labels_per_class=5"],
+    # a CE warm-up epoch first (resume crosses into bootstrapping), on noisy labels (the
+    # memorisation curve's callback is part of the run)
+    "bootstrapping": lambda teacher: ["trainer.name=bootstrapping", "trainer.params.warmup_epochs=1",
+                                      "data.label_noise.kind=symmetric", "data.label_noise.rate=0.2"],
 }
 HINT = ['trainer.params.hint_layers=[features.4,features.4]']  # the distillation part with its own weights
 #: what each trainer adds to the runs that train over several epochs (the parts and stages beyond the basics)
