@@ -348,7 +348,8 @@ def contact_sheet(train: Any, positions: Sequence[int], suggested: np.ndarray, p
 
     classes = list(train.classes)
     rows = (len(positions) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.7 * rows), squeeze=False)
+    lines = 4 if train.clean_labels is not None else 3  # title lines above each image
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, (2.2 + 0.22 * lines) * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, positions):
@@ -359,7 +360,7 @@ def contact_sheet(train: Any, positions: Sequence[int], suggested: np.ndarray, p
         margin = f" ({score[i]:.2f})" if score is not None else ""
         true = f"\ntrue: {classes[int(train.clean_labels[i])]}" if train.clean_labels is not None else ""
         ax.set_title(f"{name[-22:]}\ngiven: {classes[int(train.labels[i])]}\nsuggested: "
-                     f"{classes[int(suggested[i])]}{margin}{true}", fontsize=8)
+                     f"{classes[int(suggested[i])]}{margin}{true}", fontsize=7.5)
     fig.suptitle("probable label errors, most suspect first", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
