@@ -67,6 +67,34 @@ def summary(rows: list[dict], key: str) -> dict:
             "n": len(values)}
 
 
+def plot_memorisation(table: dict, path: Path) -> Path:
+    """One panel per setting: the share of flipped training labels predicted as the noisy
+    label (solid) and as the true one (dashed) per epoch, seed 0 of each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4), squeeze=False)
+    colors = {"ce": "tab:red", "soft": "tab:orange", "hard": "tab:blue"}
+    for ax, (setting, methods) in zip(axes[0], table.items()):
+        for method, entry in methods.items():
+            curve = entry["rows"][0]["memorisation_curve"]
+            epochs = [c["epoch"] for c in curve]
+            ax.plot(epochs, [c["noisy"] for c in curve], color=colors.get(method), label=f"{method}: as noisy label")
+            ax.plot(epochs, [c["true"] for c in curve], color=colors.get(method), linestyle="--",
+                    label=f"{method}: as true label")
+        ax.set_title(f"{setting}: flipped training labels, seed {entry['rows'][0]['seed']}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("predicted as (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="fashion_mnist")
@@ -108,6 +136,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/noisy_labels_{args.family}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    figure = plot_memorisation(table, out.with_name(out.stem + "_memorisation.png"))
     print(f"\n{args.family}: clean test top-1 % of the final weights, mean [min, max] over seeds; noisy val top-1; "
           f"flipped training labels predicted as noisy / true (last validated epoch)")
     print(f"{'setting':<8}{'method':<7}{'seeds':>6}{'test top-1':>24}{'noisy val':>11}{'as noisy':>10}{'as true':>9}"
@@ -122,7 +151,7 @@ def main() -> None:
             print(f"{setting:<8}{method:<7}{t['n']:>6}{cell:>24}{e['val_top1'].get('mean', nan):>11.2f}"
                   f"{e['flipped_pred_noisy'].get('mean', nan):>10.1f}{e['flipped_pred_true'].get('mean', nan):>9.1f}"
                   f"{gain_cell:>22}")
-    print(f"wrote {out}")
+    print(f"wrote {out} and {figure}")
 
 
 if __name__ == "__main__":

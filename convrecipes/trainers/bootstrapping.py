@@ -18,9 +18,13 @@ Expected effect (paper): MNIST with 44% permutation noise, cross-entropy 87% aga
 bootstrapping 96.5%; soft bootstrapping helped less. Gains are largest under structured
 (permutation) noise, where the wrong labels form a consistent second pattern to memorise.
 
-Our measured effect: ``benchmarks/noisy_labels.py`` (Fashion-MNIST, 44% permutation and 60%
-symmetric noise, 3 seeds; table in README "Noisy labels" and
-``benchmarks/results/noisy_labels_fashion_mnist.json``).
+Our measured effect (``python benchmarks/noisy_labels.py``; 2 x 512 MLP on Fashion-MNIST, no
+augmentation, 40 epochs, clean test set, final weights, 3 seeds): 44% permutation noise, CE
+66.4%, soft 66.4%, hard 70.9% (+4.2 to +4.8 over CE per seed); 60% symmetric noise, CE 76.9%,
+soft 77.1%, hard 82.5% (+5.4 to +5.8). Hard bootstrapping memorises fewer of the flipped
+labels; soft is within seed noise of CE. With too little weight decay (1e-4) both memorise
+alike and the gain vanishes (57.6% vs 57.9%, one seed). Table: README "Noisy labels",
+``benchmarks/results/noisy_labels_fashion_mnist.json``.
 
 With injected noise (``data.label_noise``) every trainer logs the memorisation curve
 (``flipped_pred_noisy``/``flipped_pred_true``, ``convrecipes.trainers.memorisation``); the
