@@ -275,8 +275,9 @@ def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -
         train, val = train.subset(train_idx), train.subset(val_idx)
         if noise is not None:
             noise.extra["flipped_in_val"] = int((val.labels != val.clean_labels).sum())
-            if d.label_noise.clean_val:
+            if d.label_noise.clean_val:  # the report still lists them: they were drawn flipped
                 val.labels = val.clean_labels.clone()
+                noise.extra["val_restored_to_clean"] = True
     unlabeled = None
     if d.labels_per_class is not None:
         # after the validation split: validation images are never unlabeled training data

@@ -198,7 +198,10 @@ class LabelNoiseReport:
     classes: list[str]
     matrix: list[list[float]]
     realised_matrix: list[list[float]]
-    flipped: list[int]  # indices (into the labels given to apply_label_noise) whose label changed
+    #: indices (into the labels given to apply_label_noise; a recipe run: dataset indices) whose
+    #: label was drawn flipped. With ``clean_val`` the validation ones among them were restored
+    #: afterwards (``extra["flipped_in_val"]`` counts them, ``extra["val_restored_to_clean"]``).
+    flipped: list[int]
     permutation: Optional[list[int]] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
