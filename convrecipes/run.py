@@ -264,6 +264,7 @@ def train_recipe(
     run_dir = Path(run_dir)
     lock = RunDirLock(run_dir)
     refusal = ""
+    created = state.is_main_process and not run_dir.exists()
     if state.is_main_process:
         try:
             aside = claim_run_dir(run_dir, resume=resume_ckpt is not None, overwrite=overwrite)
@@ -284,6 +285,8 @@ def train_recipe(
         return _train_in(recipe, run_dir, resume_ckpt, accelerator)
     finally:
         lock.release()
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything (e.g. bad data) leaves no empty folder
 
 
 def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accelerator: Any) -> RunResult:

@@ -448,3 +448,15 @@ def test_a_noisy_run_records_the_noise_and_logs_the_memorisation_curve(tmp_path)
         100 * float((predicted == train.labels[flipped]).float().mean()), abs=1e-6)
     assert records[-1]["flipped_pred_true"] == pytest.approx(
         100 * float((predicted == train.clean_labels[flipped]).float().mean()), abs=1e-6)
+
+
+def test_a_data_error_leaves_no_empty_run_directory(tmp_path, capsys):
+    """Pair noise naming a missing class fails at data load: exit 2, and the run directory the
+    command created is gone again (nothing was written into it)."""
+    from convrecipes.cli import main as cli_main
+
+    run = tmp_path / "runs" / "r"
+    code = cli_main(["train", "quickstart", "--run-dir", str(run), "data.label_noise.kind=pair",
+                     "data.label_noise.pairs={nine: '8'}"])
+    assert code == 2 and "nine" in capsys.readouterr().err
+    assert not run.exists()
