@@ -215,9 +215,13 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 def test_evaluation_counts_each_sample_once_under_two_processes(name, teacher_run, tmp_path):
     out = tmp_path / "eval.json"
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(LAUNCH + [str(ROOT / "tests" / "contract_ddp_worker.py"), str(out),
-                                      *TINY, *_overrides(name, teacher_run)],
-                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    args = LAUNCH + [str(ROOT / "tests" / "contract_ddp_worker.py"), str(out), *TINY, *_overrides(name, teacher_run)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # seen once in ~20 runs on the 2-core machine: a rank aborting in C++ at process-group
+        # teardown (not in our code); one retry, and the results below are still checked in full
+        out.unlink(missing_ok=True)
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["num_processes"] == 2
