@@ -213,7 +213,9 @@ def make_accelerator(recipe: Recipe, run_dir: Optional[Path] = None) -> Accelera
 
     t = recipe.trainer
     log_with = tracker_names(t.log_with) if run_dir is not None else None  # lr-find/evaluate track nothing
-    return accelerator_for(t.mixed_precision, t.find_unused_parameters, log_with, run_dir, t.collective_timeout_s)
+    # an algorithm that leaves parameters unused in its steps (freeze-drop-path) needs it under DDP
+    find_unused = t.find_unused_parameters or getattr(TRAINERS.get(t.name), "leaves_parameters_unused", False)
+    return accelerator_for(t.mixed_precision, find_unused, log_with, run_dir, t.collective_timeout_s)
 
 
 # Accelerate's tracker names and the package each needs.

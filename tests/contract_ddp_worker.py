@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
-from accelerate import Accelerator
-
-from convrecipes.build import build
+from convrecipes.build import build, make_accelerator
 from convrecipes.data.loader import InMemoryLoader
 from convrecipes.recipe import load_recipe
 
 
 def main(out: str, overrides: list[str]) -> None:
-    accelerator = Accelerator()
     recipe = load_recipe("quickstart", overrides)
+    accelerator = make_accelerator(recipe)  # as `convrecipes train` makes it (find_unused_parameters for some)
     exp = build(recipe, accelerator=accelerator)
     trainer = exp.trainer
     trainer.fit(exp.train_loader, epochs=1)

@@ -66,6 +66,8 @@ CONTRACT_OVERRIDES = {
     # memorisation curve's callback is part of the run)
     "bootstrapping": lambda teacher: ["trainer.name=bootstrapping", "trainer.params.warmup_epochs=1",
                                       "data.label_noise.kind=symmetric", "data.label_noise.rate=0.2"],
+    # the stagewise boosting network: one active branch per step, the others frozen or skipped
+    "freeze_drop_path": lambda teacher: ["trainer.name=freeze_drop_path", "model.name=sbn"],
 }
 HINT = ['trainer.params.hint_layers=[features.4,features.4]']  # the distillation part with its own weights
 #: what each trainer adds to the runs that train over several epochs (the parts and stages beyond the basics)
@@ -76,6 +78,8 @@ RESUME_EXTRA = {"mpl": ["trainer.params.finetune_epochs=2"]}
 #: not those of one whole batch
 ACCUMULATION_EXTRA = {"uda": ["trainer.params.weak_augment=none", "trainer.params.strong_augment=none",
                               "data.labels_per_class=16"]}  # 160 labeled: 5 batches of 32, 10 of 16
+#: a BatchNorm-free model for the accumulation check where the trainer needs its own kind of model
+ACCUMULATION_MODEL = {"freeze_drop_path": ["model.name=sbn", "model.kwargs={width: 4, norm: none}"]}
 
 
 def _overrides(name: str, teacher: Path) -> list[str]:
@@ -96,8 +100,9 @@ def test_accumulation_equals_one_batch_of_the_same_size(name, teacher_run):
             build(load_recipe("quickstart", TINY + CONTRACT_OVERRIDES[name](teacher_run) +
                               ["trainer.grad_accum_steps=2"]))
         return
-    common = TINY + CONTRACT_OVERRIDES[name](teacher_run) + ACCUMULATION_EXTRA.get(name, []) + [
-        "model.name=test_convnext", "model.kwargs={}", "data.image_size=32", "augment.preset=none",
+    model = ACCUMULATION_MODEL.get(name, ["model.name=test_convnext", "model.kwargs={}"])
+    common = TINY + CONTRACT_OVERRIDES[name](teacher_run) + ACCUMULATION_EXTRA.get(name, []) + model + [
+        "data.image_size=32", "augment.preset=none",
         "trainer.epochs=1", "data.val_fraction=0", "optimizer.lr=0.02", "trainer.grad_clip=5.0"]
     one = build(load_recipe("quickstart", common + ["data.batch_size=32"]))
     two = build(load_recipe("quickstart", common + ["data.batch_size=16", "trainer.grad_accum_steps=2"]))

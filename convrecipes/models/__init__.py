@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from convrecipes.errors import RecipeError, UnknownNameError
 from convrecipes.models import small_image  # registers our models with timm
+from convrecipes.models import fractalnet, sbn  # noqa: F401  (register with timm too)
 from convrecipes.models.small_image import ModelArgumentError
 from convrecipes.registry import check_params, did_you_mean, signature_params
 from convrecipes.models.classifier import Classifier

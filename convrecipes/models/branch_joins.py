@@ -72,8 +72,9 @@ class MeanJoin(nn.Module):
         super().__init__()
         self.num_inputs = _check_inputs(num_inputs, "MeanJoin")
 
-    def forward(self, inputs: Sequence[torch.Tensor], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean of ``inputs[i]`` over ``keep[i]`` (all when ``keep`` is None)."""
+    def forward(self, inputs: Sequence[Optional[torch.Tensor]], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean of ``inputs[i]`` over ``keep[i]`` (all when ``keep`` is None). A dropped input
+        may be None (its branch was not computed)."""
         if len(inputs) != self.num_inputs:
             raise JoinError(f"MeanJoin was built for {self.num_inputs} inputs, got {len(inputs)}")
         if keep is None:
@@ -82,6 +83,8 @@ class MeanJoin(nn.Module):
             if keep.shape != (self.num_inputs,) or not bool(keep.any()):
                 raise JoinError(f"keep must be a ({self.num_inputs},) bool mask with at least one True, got {keep}")
             kept = [x for x, k in zip(inputs, keep.tolist()) if k]
+        if any(x is None for x in kept):
+            raise JoinError("MeanJoin got None for an input it keeps; only dropped inputs may be None")
         out = kept[0]
         for x in kept[1:]:
             out = out + x

@@ -168,6 +168,9 @@ class Trainer:
     #: True for algorithms that train on labeled and unlabeled streams together (recipes
     #: then build a ``SemiSupervisedLoader``).
     uses_unlabeled_data: ClassVar[bool] = False
+    #: True for algorithms whose steps leave some parameters without gradient (branch
+    #: dropping); under several processes they need DDP's ``find_unused_parameters``.
+    leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -232,6 +235,7 @@ class Trainer:
         raw_models = {name: (m.to(memory_format=torch.channels_last) if channels_last else m)
                       for name, m in models.items()}
         trainable = [n for n, m in raw_models.items() if any(p.requires_grad for p in m.parameters())]
+        self._check_unused_parameters(raw_models)
         prepared = self.accelerator.prepare(*(raw_models[n] for n in trainable), *optimizers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self._trainable = list(trainable)  # parts with parameters to train: prepared, synced, checkpointed
@@ -260,6 +264,10 @@ class Trainer:
         #: identical on every process and saved in checkpoints: for random choices that must
         #: agree across ranks (a branch to train, a column to keep)
         self.shared_generator = torch.Generator().manual_seed(int(seed))
+        for model in raw_models.values():  # drop-path draws (FractalNet) agree on every rank and resume exactly
+            for m in model.modules():
+                if hasattr(m, "path_generator") and m.path_generator is None:
+                    m.path_generator = self.shared_generator
         self._registered: dict[str, Any] = {}
         self._optional_state: set[str] = set()
         # position in training: the next epoch/batch to run and training steps done
@@ -275,6 +283,24 @@ class Trainer:
         self._epoch_samples = 0
         self._step_schedules = True
         self._where = ""
+
+    def _check_unused_parameters(self, models: Mapping[str, nn.Module]) -> None:
+        """Several processes with a model or algorithm that leaves parameters unused need
+        DDP's ``find_unused_parameters``: say so before DDP fails in the first backward."""
+        if self.accelerator.num_processes < 2:
+            return
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        if handler is not None and getattr(handler, "find_unused_parameters", False):
+            return
+        dropping = [type(m).__name__ for model in models.values() for m in model.modules()
+                    if getattr(m, "drops_paths", False)]
+        if self.leaves_parameters_unused or dropping:
+            why = f"{type(self).__name__} trains one branch at a time" if self.leaves_parameters_unused else \
+                f"{dropping[0]} drops paths (drop_path_rate > 0)"
+            raise RecipeError(f"{why}, so some parameters get no gradient in a step, and DDP over "
+                              f"{self.accelerator.num_processes} processes needs find_unused_parameters for that; "
+                              f"set trainer.find_unused_parameters=true (in code: make_accelerator(..., "
+                              f"find_unused_parameters=True))")
 
     @staticmethod
     def _named_parts(model: Any, optimizer: Any, scheduler: Any, models: Any, optimizers: Any, schedulers: Any,
