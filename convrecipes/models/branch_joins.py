@@ -139,7 +139,7 @@ class FreezeDropPathJoin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.only is not None:
-            return self.branches[self.check_branch(self.only, "single-branch evaluation of")](x)
+            return self.branches[self.check_branch(self.only, "single branch (only)")](x)
         active = self.check_branch(self.active, "active branch")
         if not self.training or active is None:
             outputs = [branch(x) for branch in self.branches]

@@ -133,7 +133,10 @@ class FractalNet(_ClassifierMixin, nn.Module):
         self.drop_rate = drop_rate
         self._init_classifier(num_classes)
         self.column: Optional[int] = None
-        self.set_column(column)
+        try:
+            self.set_column(column)
+        except JoinError as exc:  # as a constructor argument: create_model names model.kwargs.column
+            raise ModelArgumentError("column", str(exc)) from None
         #: how the last training forward dropped paths: "none", "local" or "global:<column>"
         self.last_drop = "none"
 

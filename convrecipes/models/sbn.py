@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from timm.models import register_model
 
-from convrecipes.models.branch_joins import FreezeDropPathJoin
+from convrecipes.models.branch_joins import FreezeDropPathJoin, JoinError
 from convrecipes.models.small_image import (
     MODELS,
     ModelArgumentError,
@@ -103,12 +103,15 @@ class StagewiseBoostingNet(_ClassifierMixin, nn.Module):
         self.num_features = widths[-1]
         self.drop_rate = drop_rate
         self._init_classifier(num_classes)
-        self.set_branch(branch)
+        try:
+            self.set_branch(branch)
+        except JoinError as exc:  # as a constructor argument: create_model names model.kwargs.branch
+            raise ModelArgumentError("branch", str(exc)) from None
 
     def set_branch(self, branch: Optional[int]) -> None:
         """Run only ``branch`` of every stage from now on (None: the sum of all)."""
         for join in self.joins:
-            join.only = join.check_branch(branch, "single-branch evaluation of")
+            join.only = join.check_branch(branch, "branch")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for i, join in enumerate(self.joins):
