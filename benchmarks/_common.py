@@ -68,7 +68,7 @@ def output_to(log: Optional[str | Path]) -> Iterator[None]:
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(log, "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             yield
     except Exception as e:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])

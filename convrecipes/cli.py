@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Optional, Sequence
 
-from convrecipes.errors import ConvrecipesError
+from convrecipes.errors import ConvrecipesError, RecipeError
 
 
 def _print_table(rows: dict[str, Any], title: str) -> None:
@@ -58,10 +58,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_kwargs(pairs: Optional[Sequence[str]]) -> dict[str, Any]:
+    """``["column=2"]`` -> ``{"column": 2}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--model-kwarg takes KEY=VALUE (e.g. --model-kwarg column=2), got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from convrecipes.run import evaluate_run, process_state
 
-    result = evaluate_run(args.run, args.weights, ema=args.ema, data_dir=args.data_dir, plot=args.plot)
+    result = evaluate_run(args.run, args.weights, ema=args.ema, data_dir=args.data_dir, plot=args.plot,
+                          model_kwargs=_model_kwargs(args.model_kwarg))
     if not process_state().is_main_process:
         return 0
     if args.plot and "test_recall_at_1" in result:
@@ -74,7 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{result['dataset']}: the test classes are not among the training classes, so there is no test "
               "accuracy; read test_recall_at_1 (nearest neighbour among the test images)")
     metrics = {k: v for k, v in result.items() if k.startswith("test_")}
-    _print_table(metrics, f"{result['checkpoint']} ({result['weights']} weights, epoch {result['epoch']}) "
+    changed = "".join(f", model.kwargs.{k}={v}" for k, v in result.get("model_kwargs", {}).items())
+    _print_table(metrics, f"{result['checkpoint']} ({result['weights']} weights, epoch {result['epoch']}{changed}) "
                           f"on the {result['dataset']} test set:")
     return 0
 
@@ -119,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="where the dataset is, if not where training found it")
     ev.add_argument("--plot", help="PNG path for a 2-D embedding plot (models with a 2-D embedding layer)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--model-kwarg", action="append", metavar="KEY=VALUE",
+                    help="rebuild the model with this model.kwargs entry changed, e.g. column=2 (FractalNet's "
+                         "deepest column alone) or branch=0 (one SBN branch alone); repeatable")
     ev.set_defaults(func=cmd_evaluate)
     rec = sub.add_parser("recipes", help="list the available recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -365,6 +365,7 @@ def evaluate_run(
     data_dir: Optional[str] = None,
     plot: Optional[PathLike] = None,
     accelerator: Any = None,
+    model_kwargs: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Test a run's checkpoint on its recipe's test split.
 
@@ -375,6 +376,8 @@ def evaluate_run(
         data_dir: where the dataset is, if not where training found it.
         plot: a PNG path for a 2-D embedding plot (models with a 2-D embedding).
         accelerator: an ``Accelerator`` (default: made from the recipe).
+        model_kwargs: ``model.kwargs`` entries to change when rebuilding the model (e.g.
+            ``{"column": 2}``: a FractalNet's deepest column alone); recorded in the result.
 
     Returns:
         ``{"checkpoint", "epoch", "dataset", "weights", "unseen_test_classes", test_* metrics}``;
@@ -396,6 +399,8 @@ def evaluate_run(
     recipe.trainer.progress = False
     if data_dir:
         recipe.data.data_dir = data_dir
+    if model_kwargs:
+        recipe.model.kwargs = {**(recipe.model.kwargs or {}), **model_kwargs}
     exp = build_for_evaluation(recipe, accelerator)
     trainer = exp.trainer
     chosen = state.get("ema") if ema else model_weights_of(state, ckpt)
@@ -421,4 +426,5 @@ def evaluate_run(
 
                 plot_embeddings_2d(embeddings, targets, plot, class_names=meta.get("classes"))
     return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "dataset": recipe.data.name,
-            "weights": "EMA" if ema else "raw", "unseen_test_classes": unseen, **metrics}
+            "weights": "EMA" if ema else "raw", "unseen_test_classes": unseen,
+            **({"model_kwargs": dict(model_kwargs)} if model_kwargs else {}), **metrics}

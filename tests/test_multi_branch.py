@@ -13,7 +13,6 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from convrecipes.build import build
 from convrecipes.errors import RecipeError
@@ -352,3 +351,27 @@ def test_two_processes_draw_the_same_branches_and_keep_frozen_branches_unchanged
     assert reports[0]["weights_sha"] == reports[1]["weights_sha"], "DDP kept the ranks' weights identical"
     # rank 0's BatchNorm buffers are the ones DDP broadcasts: every rank's frozen branches hold them
     assert reports[0]["frozen_buffer_hashes"] == reports[1]["frozen_buffer_hashes"]
+
+
+def test_evaluate_can_rebuild_a_run_with_its_deepest_column_alone(tmp_path):
+    from convrecipes.checkpoint import load_checkpoint, model_weights_of
+    from convrecipes.loading import find_checkpoint
+    from convrecipes.cli import main
+    from convrecipes.run import evaluate_run, train_recipe
+
+    run = tmp_path / "run"
+    train_recipe(load_recipe("quickstart", ["model.name=fractalnet", "model.kwargs={width: 4, blocks: 2}",
+                                            "model.drop_path_rate=0.15", "trainer.epochs=2", "trainer.progress=false"]),
+                 run)
+    whole = evaluate_run(run, "last")
+    alone = evaluate_run(run, "last", model_kwargs={"column": 2})
+    assert alone["model_kwargs"] == {"column": 2}
+    # the same number computed here: the run's weights in a model running column 2 only
+    exp = build(load_recipe("quickstart", ["model.name=fractalnet", "model.kwargs={width: 4, blocks: 2}",
+                                           "trainer.progress=false"]))
+    state, _ = load_checkpoint(find_checkpoint(run, prefer="last"))
+    exp.trainer.unwrapped_model.load_state_dict(model_weights_of(state, run))
+    exp.trainer.unwrapped_model.set_column(2)
+    assert alone["test_top1"] == pytest.approx(exp.trainer.evaluate(exp.test_loader)["top1"])
+    assert alone["test_loss"] != whole["test_loss"]
+    assert main(["evaluate", str(run), "--weights", "last", "--model-kwarg", "column=9"]) != 0
