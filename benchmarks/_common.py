@@ -130,3 +130,14 @@ def lr_sweep(recipe: str, overrides: Sequence[str], repeat: int = 1) -> tuple["R
     result = find_lr_repeated(seeded, seeds=seeds, progress=False)
     accelerator.free_memory()
     return result, auto_lr_rule(loaded.schedule.name)
+
+
+def summary(rows: Sequence[dict], key: str = "test_top1") -> dict:
+    """Mean, min, max (and stdev for several) of ``row[key]`` over the rows that have it."""
+    import statistics
+
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return {}
+    return {"mean": round(statistics.mean(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
+            "stdev": round(statistics.stdev(values), 2) if len(values) > 1 else None, "n": len(values)}
