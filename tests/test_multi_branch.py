@@ -200,16 +200,18 @@ def test_sbn_trained_normally_sums_every_branch_and_single_branch_runs_alone():
 # -- FreezeDropPathTrainer --------------------------------------------------------------------
 def _fdp_trainer(model: nn.Module, **kwargs) -> FreezeDropPathTrainer:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    return FreezeDropPathTrainer(model, optimizer, nn.CrossEntropyLoss(), progress=False, mixed_precision="no",
-                                 **kwargs)
+    kwargs.setdefault("mixed_precision", "no")
+    return FreezeDropPathTrainer(model, optimizer, nn.CrossEntropyLoss(), progress=False, **kwargs)
 
 
 def _branch_state(join: FreezeDropPathJoin, b: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in join.branches[b].state_dict().items()}
 
 
-def test_frozen_and_dropped_branches_are_bit_identical_after_real_steps_while_the_active_one_moves():
-    trainer = _fdp_trainer(_sbn())
+@pytest.mark.parametrize("extra", [{}, {"mixed_precision": "bf16", "ema_decay": 0.9, "grad_clip": 1.0}],
+                         ids=["fp32", "bf16-ema-clip"])
+def test_frozen_and_dropped_branches_are_bit_identical_after_real_steps_while_the_active_one_moves(extra):
+    trainer = _fdp_trainer(_sbn(), **extra)
     generator = torch.Generator().manual_seed(0)
     batch = (torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8, generator=generator),
              torch.randint(0, 3, (8,), generator=generator))
@@ -231,6 +233,8 @@ def test_frozen_and_dropped_branches_are_bit_identical_after_real_steps_while_th
                     assert same, f"branch {other} changed (weights or BatchNorm buffers) while {b} was active"
                     assert all(p.grad is None for p in join.branches[other].parameters())
     assert seen == {0, 1, 2}
+    if trainer.ema is not None:  # the EMA follows the trained weights and is evaluated with every branch
+        assert trainer.evaluate([batch], model=trainer.ema.module)["top1"] >= 0
 
 
 def test_active_branch_output_is_the_sum_up_to_it_inside_the_trainer():
