@@ -17,7 +17,6 @@ import this as ``_common``.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from convrecipes.recipe import load_recipe
-from convrecipes.run import RunResult, recipe_of_checkpoint, train_recipe
+from convrecipes.run import RunResult
 
 if TYPE_CHECKING:
     from convrecipes.lr_finder import RepeatedLRFinderResult
@@ -37,25 +36,12 @@ def train_run(recipe: str, overrides: Sequence[str], run_dir: str | Path) -> Run
     A run directory with ``results.json`` is finished and only read; one with
     ``last.safetensors`` but no ``results.json`` resumes from it with the recipe its
     checkpoint records. ``history`` of the returned run holds every epoch of the run (for a
-    skipped or resumed run, read from its ``metrics.jsonl``).
+    skipped or resumed run, read from its ``metrics.jsonl``). The one implementation is
+    ``convrecipes.choose.train_or_resume`` (``convrecipes compare`` trains with it too).
     """
-    from convrecipes.trainers.metrics_log import read_jsonl
+    from convrecipes.choose.runs import train_or_resume
 
-    run_dir = Path(run_dir)
-    finished = run_dir / "results.json"
-    if finished.is_file():
-        return RunResult(run_dir, json.loads(finished.read_text()), read_jsonl(run_dir / "metrics.jsonl"))
-    if (run_dir / "last.safetensors").is_file():
-        from convrecipes.recipe import parse_override
-        from convrecipes.run import RESUME_SAFE_KEYS
-
-        # overrides that cannot change what the checkpoint means (e.g. how often to validate) apply on resume too
-        safe = [o for o in overrides if parse_override(o)[0] in RESUME_SAFE_KEYS]
-        resolved, last = recipe_of_checkpoint(run_dir, prefer="last", overrides=safe)
-        run = train_recipe(resolved, run_dir, resume_from=last)
-        run.history = read_jsonl(run_dir / "metrics.jsonl")
-        return run
-    return train_recipe(load_recipe(recipe, ["trainer.progress=false", *overrides]), run_dir)
+    return train_or_resume(recipe, overrides, run_dir)
 
 
 @contextlib.contextmanager

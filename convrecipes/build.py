@@ -60,6 +60,10 @@ class Experiment:
     test_loader: InMemoryLoader
     datasets: Datasets
     num_parameters: int
+    #: what ``model.init_from`` loaded (``convrecipes.finetune.load_init_weights``), else None
+    init: Optional[dict[str, Any]] = None
+    #: the callback holding ``model.freeze_stages``/``model.freeze`` fixed, else None
+    freezer: Any = None
 
 
 @dataclass
@@ -215,6 +219,11 @@ def make_accelerator(recipe: Recipe, run_dir: Optional[Path] = None) -> Accelera
     log_with = tracker_names(t.log_with) if run_dir is not None else None  # lr-find/evaluate track nothing
     # an algorithm that leaves parameters unused in its steps (freeze-drop-path) needs it under DDP
     find_unused = t.find_unused_parameters or getattr(TRAINERS.get(t.name), "leaves_parameters_unused", False)
+    # frozen parameters get no gradient, and they are frozen after DDP wrapped the model (so
+    # that unfreezing them later syncs them): convrecipes.finetune
+    from convrecipes.finetune import freezes_parameters
+
+    find_unused = find_unused or freezes_parameters(recipe)
     return accelerator_for(t.mixed_precision, find_unused, log_with, run_dir, t.collective_timeout_s)
 
 
@@ -242,16 +251,48 @@ def tracker_names(log_with: Any) -> Optional[list[str]]:
     return names
 
 
-def build_model(recipe: Recipe, in_chans: int, num_classes: int, pretrained: Optional[bool] = None) -> nn.Module:
+def build_model(recipe: Recipe, in_chans: int, num_classes: int, pretrained: Optional[bool] = None,
+                pretrained_file: Optional[Path] = None) -> nn.Module:
     """The recipe's model for ``in_chans``-channel images and ``num_classes`` (with the
-    embedding head its losses need)."""
+    embedding head its losses need).
+
+    Args:
+        pretrained: load timm's pretrained weights (None: ``model.pretrained``).
+        pretrained_file: read them from this local file instead of downloading them (timm's
+            loader: the stem adapted to ``in_chans``, a classifier of another size dropped).
+
+    Raises:
+        RecipeError: pretrained weights that cannot be downloaded (offline; the message
+            names the local-file fix) or a file that does not fit the model.
+    """
+    from convrecipes.errors import ConvrecipesError
+
     m = recipe.model
     needs_embeddings, head_factory = _loss_needs(recipe)
     needs_embeddings = needs_embeddings or m.with_embeddings
-    return create_model(m.name, in_chans=in_chans, num_classes=num_classes, drop_rate=m.drop_rate,
-                        drop_path_rate=m.drop_path_rate, pretrained=m.pretrained if pretrained is None else pretrained,
-                        with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,
-                        head_factory=head_factory, **m.kwargs)
+    pretrained = m.pretrained if pretrained is None else pretrained
+    kwargs = dict(m.kwargs)
+    if pretrained_file is not None:
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = {**dict(kwargs.get("pretrained_cfg_overlay") or {}),
+                                            "file": str(pretrained_file)}
+    try:
+        return create_model(m.name, in_chans=in_chans, num_classes=num_classes, drop_rate=m.drop_rate,
+                            drop_path_rate=m.drop_path_rate, pretrained=pretrained,
+                            with_embeddings=needs_embeddings, embedding_dim=m.embedding_dim,
+                            head_factory=head_factory, **kwargs)
+    except ConvrecipesError:
+        raise
+    except Exception as exc:  # timm's download (huggingface_hub, urllib) or its loading of the file
+        if not pretrained:
+            raise
+        if pretrained_file is not None:
+            raise RecipeError(f"model.init_from {pretrained_file} could not be loaded into timm's {m.name!r} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); use "
+                              f"pretrained weights of this architecture (model.name={m.name})") from None
+        from convrecipes.finetune import pretrained_download_error
+
+        raise pretrained_download_error(m.name, exc) from None
 
 
 def load_datasets(recipe: Recipe, splits: tuple[str, ...] = ("train", "test")) -> Datasets:
@@ -359,16 +400,26 @@ def _loss_needs(recipe: Recipe) -> tuple[bool, Any]:
 
 
 def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Optional[Path] = None,
-          datasets: Optional[Datasets] = None) -> Experiment:
+          datasets: Optional[Datasets] = None, init_weights: bool = True) -> Experiment:
     """Build data loaders, model, loss, optimizer, schedule, augmentation and trainer.
 
     Mean/std computed from the training data are written back into ``recipe.augment`` so
     the resolved recipe saved with the run reproduces the same normalisation at evaluation.
+
+    Args:
+        init_weights: start the model from ``model.init_from`` / ``model.pretrained``;
+            False when a checkpoint will supply the weights anyway (a resume, an
+            evaluation), so neither the file nor the network is needed.
     """
+    from convrecipes.finetune import backbone_lr_mult_of, load_init_weights, resolve_init_source, setup_freezing
+
     if isinstance(recipe.optimizer.lr, str):
         raise RecipeError(f"optimizer.lr={recipe.optimizer.lr!r} must be resolved to a number before building: "
                           f"`convrecipes train` does it; in code call "
                           f"convrecipes.lr_finder.resolve_auto_lr(recipe, accelerator) first")
+    init_source = None
+    if init_weights and recipe.model.init_from:  # checked before any data is loaded
+        init_source = resolve_init_source(recipe.model.init_from, recipe.model.name)
     accelerator = accelerator or make_accelerator(recipe, run_dir)
     if recipe.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -410,7 +461,23 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     set_seed(recipe.seed)  # identical initial weights on every process
     m = recipe.model
     needs_embeddings = _loss_needs(recipe)[0] or m.with_embeddings
-    model = build_model(recipe, in_chans=channels, num_classes=num_classes)
+    if init_source is not None:
+        timm_file = init_source.file if init_source.kind == "timm" else None
+        model = build_model(recipe, in_chans=channels, num_classes=num_classes, pretrained=False,
+                            pretrained_file=timm_file)
+    else:
+        model = build_model(recipe, in_chans=channels, num_classes=num_classes,
+                            pretrained=None if init_weights else False)
+    init = None
+    if init_source is not None and init_source.kind != "timm":
+        init = load_init_weights(model, init_source, train.classes)
+    elif init_source is not None:
+        from convrecipes.checkpoint import file_sha256
+
+        init = {"from": init_source.given, "file": str(init_source.file.resolve()),
+                "sha256": file_sha256(init_source.file), "kind": "timm",
+                "classifier": "timm's pretrained loader (re-initialised when the number of classes differs)"}
+    freezer = setup_freezing(recipe, model)  # checked (patterns, stage count) before anything trains
     embedding_dim = None
     if needs_embeddings or m.embedding_dim is not None:
         embedding_dim = m.embedding_dim or model.backbone.num_features
@@ -420,9 +487,12 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     o = recipe.optimizer
     lr = scaled_lr(o.lr, batch_size, o.reference_batch_size) if o.scale_lr_with_batch else o.lr
     extra = [{**group, "weight_decay": 0.0} for group in loss_param_groups(loss_fn)]
+    # every parameter, frozen or not: unfreezing later only flips requires_grad (convrecipes.finetune)
+    lr_mult = backbone_lr_mult_of(model, o.backbone_lr_mult) if o.backbone_lr_mult is not None else None
     optimizer = build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                                decay_norm_and_bias=o.decay_norm_and_bias, extra_param_groups=extra)
+                                decay_norm_and_bias=o.decay_norm_and_bias, extra_param_groups=extra,
+                                lr_mult=lr_mult)
     t = recipe.trainer
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
     s = recipe.schedule
@@ -456,6 +526,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         flipped = flipped_subset(train, seed=recipe.seed)
         if flipped is not None:
             callbacks.append(MemorisationCurve(_eval_loader(flipped, recipe, accelerator), num_classes))
+    if freezer is not None:  # last: the other callbacks keep their checkpoint keys (by index)
+        callbacks.append(freezer)
     params = _trainer_params(recipe)
     if t.name in TRAINER_BUILDERS:
         ctx = TrainerContext(recipe, num_classes, channels, (height, width), list(a.mean), list(a.std),
@@ -469,6 +541,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         "global_batch_size": batch_size,
         "num_processes": accelerator.num_processes,
     }
+    if init is not None:
+        metadata["init"] = init
     kwargs: dict[str, Any] = dict(scheduler=scheduler)
     kwargs.update(params)  # a builder may replace the schedule (e.g. MPL's, over its first stage)
     trainer = trainer_cls(
@@ -478,7 +552,13 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata,
         log_every_steps=t.log_every_steps, eval_every_epochs=t.eval_every_epochs, **kwargs,
     )
-    return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters)
+    if freezer is not None:
+        # after the trainer prepared (DDP-wrapped) the model, so DDP registers the frozen
+        # parameters too and syncs them once they unfreeze; before fit, so anything that
+        # steps the trainer first (the LR finder) trains with them frozen as well
+        freezer.apply(trainer.epoch)
+    return Experiment(recipe, trainer, train_loader, val_loader, test_loader, datasets, num_parameters,
+                      init=init, freezer=freezer)
 
 
 def _trainer_params(recipe: Recipe) -> dict[str, Any]:
@@ -533,7 +613,9 @@ def build_for_evaluation(recipe: Recipe, accelerator: Optional[Accelerator] = No
     # evaluating a model needs no training algorithm (a distillation run's teacher may be gone)
     recipe.trainer.name, recipe.trainer.params = "supervised", {}
     recipe.trainer.ema_decay = None
-    return build(recipe, accelerator=accelerator, datasets=datasets)
+    # nor the weights it started from (the checkpoint replaces them) nor its frozen layers
+    recipe.model.freeze_stages, recipe.model.freeze, recipe.model.unfreeze_epoch = None, [], None
+    return build(recipe, accelerator=accelerator, datasets=datasets, init_weights=False)
 
 
 def module_summary(model: nn.Module) -> str:

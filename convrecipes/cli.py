@@ -1,4 +1,4 @@
-"""Command line: ``convrecipes train|evaluate|recipes|lr-find|find-label-issues`` (and ``lr-find``).
+"""Command line: ``convrecipes train|evaluate|recipes|lr-find|find-label-issues|compare`` (and ``lr-find``).
 
 User errors (a bad recipe key, missing data, a wrong checkpoint, a NaN loss) print one
 message and exit with code 2; no traceback.
@@ -24,12 +24,53 @@ def _print_table(rows: dict[str, Any], title: str) -> None:
         print(f"  {key:<{width}}  {shown}")
 
 
+def _print_run_results(results: dict[str, Any], recipe: Any, run_dir: Any, title: str) -> None:
+    rows = {f"final {k}": v for k, v in results["test_final"].items()}
+    if "test_final_ema" in results:
+        rows.update({f"final EMA {k}": v for k, v in results["test_final_ema"].items()})
+    if "test_best" in results:
+        rows.update({f"best (epoch {results['best_epoch']}) {k}": v for k, v in results["test_best"].items()})
+    rows["wall time (s)"] = results["wall_time_s"]
+    if results.get("unseen_test_classes"):
+        print(f"{recipe.data.name}: the test classes are unseen in training, so there is no test accuracy; "
+              f"`convrecipes evaluate {run_dir} --weights last` reports Recall@1 on them")
+    _print_table(rows, title)
+
+
+def _stage_recipes(args: argparse.Namespace) -> tuple[list[Any], list[list[str]]]:
+    """One recipe per stage: the recipe with its overrides, then each ``--then`` list added
+    to the previous stage's overrides; ``--init-from`` applies to the first stage."""
+    from convrecipes.recipe import load_recipe, parse_override
+
+    overrides = list(args.overrides)
+    stage_overrides, recipes = [overrides], []
+    cumulative = list(overrides)
+    for extra in args.then or []:
+        for text in extra:
+            if parse_override(text)[0] == "model.init_from":
+                raise RecipeError(f"--then {text}: every later stage starts from the previous stage's weights; drop "
+                                  f"model.init_from from --then (--init-from sets the first stage's)")
+        stage_overrides.append(list(extra))
+    for i, extra in enumerate(stage_overrides):
+        if i:
+            cumulative += extra
+        recipe = load_recipe(args.recipe, cumulative)
+        if i == 0 and args.init_from:
+            recipe.model.init_from = args.init_from
+        recipes.append(recipe)
+    return recipes, stage_overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from convrecipes.recipe import load_recipe
-    from convrecipes.run import recipe_of_checkpoint, train_recipe
+    from convrecipes.run import process_state, recipe_of_checkpoint, train_recipe, train_stages
 
     resume_ckpt = None
     if args.resume:
+        if args.init_from or args.then:
+            raise RecipeError(f"--resume continues a run with its recorded recipe, so --init-from and --then do not "
+                              f"apply; drop them (a multi-stage run: resume the unfinished stage, --resume "
+                              f"{args.resume}/stageN)")
         overrides = list(args.overrides)
         if args.recipe and "=" in args.recipe:  # `--resume R key=value ...`: argparse took it for the recipe
             overrides.insert(0, args.recipe)
@@ -39,22 +80,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.recipe:
             raise ConvrecipesError("name a recipe (e.g. `convrecipes train recipes/quickstart.yaml`) or pass --resume RUN_DIR")
+        if args.then:
+            recipes, stage_overrides = _stage_recipes(args)
+            staged = train_stages(recipes, args.run_dir, overwrite=args.overwrite, stage_overrides=stage_overrides)
+            if process_state().is_main_process:
+                for entry, run in zip(staged.results["stages"], staged.stages):
+                    if "test_init" in entry:
+                        _print_table(entry["test_init"], f"stage {entry['stage']}: its initial weights (stage "
+                                                         f"{entry['stage'] - 1}'s) on its test data, before training:")
+                    _print_run_results(run.results, run.recipe, run.run_dir,
+                                       f"stage {entry['stage']} ({' '.join(entry.get('overrides', [])) or 'the recipe'})"
+                                       f" test results ({run.run_dir / 'results.json'}):")
+                print(f"summary of {len(staged.stages)} stages: {staged.run_dir / 'results.json'}")
+            return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.init_from:
+            recipe.model.init_from = args.init_from
     run = train_recipe(recipe, args.run_dir, resume_from=resume_ckpt, overwrite=args.overwrite)
-    results, run_dir = run.results, run.run_dir
-    from convrecipes.run import process_state
-
     if process_state().is_main_process:
-        rows = {f"final {k}": v for k, v in results["test_final"].items()}
-        if "test_final_ema" in results:
-            rows.update({f"final EMA {k}": v for k, v in results["test_final_ema"].items()})
-        if "test_best" in results:
-            rows.update({f"best (epoch {results['best_epoch']}) {k}": v for k, v in results["test_best"].items()})
-        rows["wall time (s)"] = results["wall_time_s"]
-        if results.get("unseen_test_classes"):
-            print(f"{recipe.data.name}: the test classes are unseen in training, so there is no test accuracy; "
-                  f"`convrecipes evaluate {run_dir} --weights last` reports Recall@1 on them")
-        _print_table(rows, f"test results ({run_dir / 'results.json'}):")
+        _print_run_results(run.results, recipe, run.run_dir, f"test results ({run.run_dir / 'results.json'}):")
     return 0
 
 
@@ -126,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="run directory or checkpoint to resume (continues to the recipe's epochs)")
     train.add_argument("--overwrite", action="store_true",
                        help="--run-dir holds a run: move it aside to <dir>.old-<timestamp> and start afresh")
+    train.add_argument("--init-from", metavar="RUN",
+                       help="start from the model weights of this run directory or checkpoint (the classifier is "
+                            "re-initialised when the classes differ) or of a local .safetensors of pretrained "
+                            "weights: the recipe key model.init_from")
+    train.add_argument("--then", action="append", nargs="+", metavar="KEY=VALUE",
+                       help="then train another stage from this one's weights, with these overrides added, e.g. "
+                            "--then data.image_size=16 trainer.epochs=2 optimizer.lr=0.01; writes RUN/stage1, "
+                            "RUN/stage2 and a summary RUN/results.json; repeatable (one more stage each)")
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("evaluate", help="test metrics of a run or checkpoint")
     ev.add_argument("run", help="run directory or .safetensors checkpoint")
@@ -154,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "label_issues.csv, label_issues.png and label_issues_summary.json.")
     add_label_issues_arguments(fli)
     fli.set_defaults(func=cmd_find_label_issues)
+    from convrecipes.choose.command import add_compare_arguments, cmd_compare
+
+    cmp = sub.add_parser("compare", help="train several models with one recipe and compare accuracy and cost",
+                         description="Train each --models candidate with the same recipe, data, budget and seeds "
+                                     "(resumably, into <out>/runs/<model>_seed<s>), measure parameters, MACs, "
+                                     "latency and training memory; writes compare.md/.csv/.json and pareto.png. "
+                                     "With --fractions: learning curves instead.")
+    add_compare_arguments(cmp)
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 

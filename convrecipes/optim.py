@@ -6,7 +6,7 @@ weight decay: decaying BatchNorm scales and biases only fights the normalisation
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,12 +36,17 @@ def build_optimizer(
     eps: float = 1e-8,
     decay_norm_and_bias: bool = False,
     extra_param_groups: Iterable[dict[str, Any]] = (),
+    lr_mult: Optional[Callable[[str], float]] = None,
 ) -> torch.optim.Optimizer:
     """An optimizer over ``model``'s parameters plus ``extra_param_groups`` (e.g. a loss's own).
 
     Args:
         name: sgd, adamw, adam or adamax.
         decay_norm_and_bias: also apply weight decay to 1-D parameters (norms, biases).
+        lr_mult: ``parameter name -> LR multiplier`` (e.g. a lower LR for a pretrained
+            backbone than for a new classifier): each weight-decay group is split by
+            multiplier, the groups at ``lr`` first (so the logged LR, the first group's, is
+            the recipe's); schedules scale every group from its own initial LR.
     """
     OPTIMIZERS.get(name)
     if decay_norm_and_bias:
@@ -49,6 +54,8 @@ def build_optimizer(
                                          "weight_decay": weight_decay}]
     else:
         groups = list(param_groups_weight_decay(model, weight_decay))
+    if lr_mult is not None:
+        groups = split_by_lr_mult(model, groups, lr, lr_mult)
     groups += list(extra_param_groups)
     kwargs: dict[str, Any] = {}
     if name == "sgd":
@@ -64,3 +71,20 @@ def build_optimizer(
         kwargs["eps"] = eps
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay,
                                filter_bias_and_bn=False, **kwargs)
+
+
+def split_by_lr_mult(model: nn.Module, groups: Sequence[dict[str, Any]], lr: float,
+                     lr_mult: Callable[[str], float]) -> list[dict[str, Any]]:
+    """``groups`` (of ``model``'s parameters) split so each holds one LR multiplier, with
+    ``"lr": lr * multiplier`` set; the multiplier-1 groups come first, then the others by
+    decreasing multiplier, empty groups dropped."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    split: list[tuple[float, int, dict[str, Any]]] = []
+    for index, group in enumerate(groups):
+        by_mult: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            by_mult.setdefault(float(lr_mult(names[id(p)])), []).append(p)
+        for mult, params in by_mult.items():
+            split.append((mult, index, {**group, "params": params, "lr": lr * mult}))
+    split.sort(key=lambda item: (item[0] != 1.0, -item[0], item[1]))
+    return [group for _, _, group in split]

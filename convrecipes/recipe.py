@@ -68,6 +68,22 @@ class ModelConfig:
     with_embeddings: bool = False  # return ModelOutput(logits, embeddings) even if the loss does not need them
     channels_last: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
+    # fine-tuning (convrecipes.finetune). Start from these weights instead of a fresh init: a
+    # run directory or .safetensors written by `convrecipes train` (its best checkpoint; the
+    # classifier is re-initialised when the classes differ), or a local .safetensors of timm
+    # pretrained weights (the offline alternative to model.pretrained=true). A resume reads
+    # the checkpoint instead. E.g. model.init_from=runs/quickstart-20240101-120000
+    init_from: Optional[str] = None
+    # freeze the first N stages of the backbone (timm's stage groups, e.g. resnet: stem,
+    # layer1..layer4; for ours the backbone's blocks in order; never the classifier). Frozen
+    # parameters get no gradient and their norm layers stay in eval mode. E.g. model.freeze_stages=2
+    freeze_stages: Optional[int] = None
+    # ... and/or freeze the parameters whose names match these patterns (fnmatch, e.g.
+    # "features.0.*"; "re:" for a regular expression), e.g. model.freeze=["stem.*","blocks.0.*"]
+    freeze: Union[list[str], str] = field(default_factory=list)
+    # the first epoch (counted from 1, as logged) in which the frozen layers train too;
+    # null: frozen for the whole run. E.g. model.unfreeze_epoch=3 (epochs 1-2 frozen)
+    unfreeze_epoch: Optional[int] = None
 
 
 @dataclass
@@ -84,6 +100,9 @@ class OptimizerConfig:
     decay_norm_and_bias: bool = False  # by default norm and bias parameters get no weight decay
     scale_lr_with_batch: bool = False  # linear scaling: lr * batch_size / reference_batch_size
     reference_batch_size: int = 256
+    # fine-tuning: the backbone (everything but the classifier) trains at lr * this, the
+    # classifier at lr (null: one LR for all), e.g. optimizer.backbone_lr_mult=0.1
+    backbone_lr_mult: Optional[float] = None
 
 
 @dataclass
@@ -227,7 +246,30 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     _validate_lr(recipe.optimizer)
     _validate_ranges(recipe)
     _validate_label_noise(recipe.data.label_noise)
+    _validate_finetune(recipe)
     return recipe
+
+
+def freeze_patterns(model: ModelConfig) -> list[str]:
+    """``model.freeze`` as a list of patterns (a single string is one pattern)."""
+    return [model.freeze] if isinstance(model.freeze, str) else list(model.freeze)
+
+
+def _validate_finetune(recipe: Recipe) -> None:
+    m = recipe.model
+    if any(not p.strip() for p in freeze_patterns(m)):
+        raise RecipeError("recipe key 'model.freeze' holds an empty pattern; give parameter-name patterns such as "
+                          "model.freeze=[\"features.0.*\"]")
+    if m.init_from is not None and not m.init_from.strip():
+        raise RecipeError("recipe key 'model.init_from' is empty; give a run directory or .safetensors file, or null")
+    if m.unfreeze_epoch is not None:
+        if not m.freeze_stages and not freeze_patterns(m):
+            raise RecipeError(f"model.unfreeze_epoch={m.unfreeze_epoch} but nothing is frozen; set "
+                              f"model.freeze_stages=N or model.freeze=[patterns], or drop model.unfreeze_epoch")
+        if m.unfreeze_epoch > recipe.trainer.epochs:
+            raise RecipeError(f"model.unfreeze_epoch={m.unfreeze_epoch} comes after the last epoch "
+                              f"(trainer.epochs={recipe.trainer.epochs}), so the frozen layers would never train; "
+                              f"lower it, or drop model.unfreeze_epoch to keep them frozen for the whole run")
 
 
 NOISE_KINDS = ("symmetric", "pair", "permutation")  # convrecipes.data.label_noise.NOISE_KINDS
@@ -269,6 +311,12 @@ _RANGES: list[tuple[str, Any, str, str]] = [
     ("model.drop_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "model.drop_rate=0.1"),
     ("model.drop_path_rate", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "model.drop_path_rate=0.1"),
     ("model.embedding_dim", lambda v: v is None or v >= 1, "an integer >= 1 or null", "model.embedding_dim=2"),
+    ("model.freeze_stages", lambda v: v is None or v >= 1, "an integer >= 1 or null", "model.freeze_stages=2"),
+    # epoch 1 would unfreeze before anything trained frozen
+    ("model.unfreeze_epoch", lambda v: v is None or v >= 2, "an integer >= 2 (the first epoch that trains the "
+     "frozen layers, counted from 1) or null", "model.unfreeze_epoch=3"),
+    ("optimizer.backbone_lr_mult", lambda v: v is None or v > 0, "a number > 0 or null (to hold layers fixed, "
+     "freeze them: model.freeze_stages)", "optimizer.backbone_lr_mult=0.1"),
     ("optimizer.lr", lambda v: isinstance(v, str) or v > 0, "a number > 0 or auto", "optimizer.lr=0.05"),
     ("optimizer.momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)", "optimizer.momentum=0.9"),
     ("optimizer.weight_decay", lambda v: v >= 0.0, ">= 0", "optimizer.weight_decay=5e-4"),

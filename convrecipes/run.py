@@ -2,9 +2,11 @@
 
 ``train_recipe(recipe, run_dir)`` resolves ``optimizer.lr=auto``, builds the experiment,
 writes the resolved recipe, trains (or resumes), tests the final weights, the EMA weights
-and the best checkpoint, and writes ``results.json``. ``evaluate_run(run)`` tests a run's
-checkpoint again, with embedding metrics for models that expose embeddings. Both work in
-one process or under ``accelerate launch`` (call them on every process).
+and the best checkpoint, and writes ``results.json``. ``train_stages(recipes)`` chains
+runs, each from the previous one's weights (e.g. a second stage at a larger image size).
+``evaluate_run(run)`` tests a run's checkpoint again, with embedding metrics for models that
+expose embeddings. All work in one process or under ``accelerate launch`` (call them on
+every process).
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] =
 #: recipe keys a resume may change: they do not change what the checkpoint's state means
 RESUME_SAFE_KEYS = ("trainer.epochs", "data.data_dir", "trainer.checkpoint_every_steps", "trainer.progress",
                     "trainer.log_with", "trainer.log_every_steps", "trainer.early_stopping_patience",
-                    "trainer.eval_every_epochs")
+                    "trainer.eval_every_epochs",
+                    # a resume reads the weights from its checkpoint, never the initial ones
+                    "model.init_from")
 
 
 def recipe_of_checkpoint(path: PathLike, prefer: str = "last",
@@ -300,7 +304,8 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
         from convrecipes.lr_finder.command import resolve_auto_lr
 
         resolve_auto_lr(recipe, accelerator, run_dir)
-    exp = build(recipe, accelerator=accelerator, run_dir=run_dir)
+    # a resume takes the weights from its checkpoint: the initial ones need not exist any more
+    exp = build(recipe, accelerator=accelerator, run_dir=run_dir, init_weights=resume_ckpt is None)
     trainer = exp.trainer
     trainer.register_state("wall_clock", clock, required=False)
     if accelerator.num_processes > 1:
@@ -326,6 +331,11 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
         f"{exp.train_loader.batch_size} on {accelerator.num_processes} process(es), mixed precision "
         f"{accelerator.mixed_precision}; run dir {run_dir}"
     )
+    if exp.init is not None:
+        trainer.print(f"initial weights from {exp.init['file']} ({exp.init['kind']}); classifier "
+                      f"{exp.init['classifier']}")
+    if exp.freezer is not None:
+        trainer.print(exp.freezer.summary())
     history = trainer.fit(exp.train_loader, exp.val_loader, epochs=recipe.trainer.epochs, resume_from=resume_ckpt)
     results: dict[str, Any] = {"run_dir": str(run_dir), "num_parameters": exp.num_parameters,
                                "global_batch_size": exp.train_loader.batch_size,
@@ -366,6 +376,7 @@ def evaluate_run(
     plot: Optional[PathLike] = None,
     accelerator: Any = None,
     model_kwargs: Optional[dict[str, Any]] = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Test a run's checkpoint on its recipe's test split.
 
@@ -378,6 +389,10 @@ def evaluate_run(
         accelerator: an ``Accelerator`` (default: made from the recipe).
         model_kwargs: ``model.kwargs`` entries to change when rebuilding the model (e.g.
             ``{"column": 2}``: a FractalNet's deepest column alone); recorded in the result.
+        overrides: ``key=value`` changes of the recorded recipe's ``data`` section (e.g.
+            ``data.image_size=16``: test at another resolution, the images resized at load
+            time); recorded in the result. Other sections would change what the checkpoint's
+            weights mean and are refused.
 
     Returns:
         ``{"checkpoint", "epoch", "dataset", "weights", "unseen_test_classes", test_* metrics}``;
@@ -395,7 +410,17 @@ def evaluate_run(
     if "recipe" not in meta:
         raise CheckpointError(f"{ckpt} records no recipe; evaluate needs a checkpoint written by `convrecipes train`")
     model_weights_of(state, ckpt)  # before building anything
-    recipe = recipe_from_dict(meta["recipe"])
+    raw = dict(meta["recipe"])
+    if overrides:
+        from convrecipes.errors import RecipeError
+        from convrecipes.recipe import apply_overrides, parse_override
+
+        for text in overrides:
+            if not parse_override(text)[0].startswith("data."):
+                raise RecipeError(f"evaluate changes only the data section of a run's recipe (e.g. "
+                                  f"data.image_size=16), got {text!r}; other keys would change what the weights mean")
+        raw = apply_overrides(raw, overrides)
+    recipe = recipe_from_dict(raw)
     recipe.trainer.progress = False
     if data_dir:
         recipe.data.data_dir = data_dir
@@ -427,4 +452,113 @@ def evaluate_run(
                 plot_embeddings_2d(embeddings, targets, plot, class_names=meta.get("classes"))
     return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "dataset": recipe.data.name,
             "weights": "EMA" if ema else "raw", "unseen_test_classes": unseen,
-            **({"model_kwargs": dict(model_kwargs)} if model_kwargs else {}), **metrics}
+            **({"model_kwargs": dict(model_kwargs)} if model_kwargs else {}),
+            **({"overrides": list(overrides)} if overrides else {}), **metrics}
+
+
+# -- stages -------------------------------------------------------------------------------
+STAGE_DIR = "stage{}"
+
+
+@dataclass
+class StagesResult:
+    """What ``train_stages`` did.
+
+    Attributes:
+        run_dir: the parent directory (``stage1``, ``stage2``, ... inside it).
+        results: the contents of its ``results.json``: per stage its run directory, image
+            size, epochs, the test metrics of its final and best weights and, from stage 2
+            on, ``test_init``: its initial weights (the previous stage's) on its own test
+            data before it trained (e.g. the stage-1 model at the larger image size).
+        stages: each stage's ``RunResult``.
+    """
+
+    run_dir: Path
+    results: dict[str, Any]
+    stages: list[RunResult] = field(default_factory=list)
+
+
+def _init_test_overrides(before: Recipe, after: Recipe) -> Optional[list[str]]:
+    """The ``data`` overrides that test ``before``'s weights on ``after``'s test data, or
+    None when the data is another dataset or has other channels (the weights do not apply)."""
+    b, a = before.data, after.data
+    if b.name != a.name or b.channels != a.channels:
+        return None
+    return [f"data.{key}={json.dumps(getattr(a, key))}" for key in ("image_size", "data_dir")
+            if getattr(a, key) != getattr(b, key)]
+
+
+def train_stages(
+    recipes: Sequence[Recipe],
+    run_dir: Optional[PathLike] = None,
+    *,
+    overwrite: bool = False,
+    stage_overrides: Optional[Sequence[Sequence[str]]] = None,
+) -> StagesResult:
+    """Train several stages one after the other, each from the previous one's weights: e.g.
+    train at a small image size, then fine-tune a few epochs at a larger one (the
+    ``convrecipes train RECIPE --then data.image_size=... trainer.epochs=...`` command).
+
+    Stage ``k`` trains into ``<run_dir>/stage<k>`` with ``train_recipe``; from stage 2 on
+    its ``model.init_from`` is set to the previous stage's run directory (its best
+    checkpoint), and that checkpoint is first tested on the stage's own test data
+    (``test_init``). ``<run_dir>/results.json`` sums the stages up.
+
+    Args:
+        recipes: one validated recipe per stage.
+        run_dir: the parent directory (default ``<output_dir>/<first recipe's name>-<timestamp>``).
+        overwrite: move a finished multi-stage run in ``run_dir`` aside instead of refusing.
+        stage_overrides: the overrides each stage was made with, recorded in the summary.
+
+    Raises:
+        RecipeError: no stage, or stages with different mixed precision (one process runs
+            them all).
+        RunDirError: ``run_dir`` holds another run.
+    """
+    from convrecipes.errors import RecipeError
+
+    if not recipes:
+        raise RecipeError("train_stages needs at least one recipe")
+    precisions = {r.trainer.mixed_precision for r in recipes}
+    if len(precisions) > 1:
+        raise RecipeError(f"the stages ask for different trainer.mixed_precision ({', '.join(map(str, precisions))}), "
+                          f"but one process runs them all with one setting; use the same value in every stage")
+    state = process_state()
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipes[0], state)
+    refusal = ""
+    if state.is_main_process:
+        try:
+            aside = claim_run_dir(run_dir, resume=False, overwrite=overwrite)
+            if aside is not None:
+                print(f"moved the previous run in {run_dir} aside to {aside}")
+        except RunDirError as exc:
+            refusal = str(exc)
+    refusal = _from_main_process(refusal, state)
+    if refusal:
+        raise RunDirError(refusal)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "stages": []}
+    done: list[RunResult] = []
+    for k, recipe in enumerate(recipes, start=1):
+        entry: dict[str, Any] = {"stage": k, "run_dir": str(run_dir / STAGE_DIR.format(k))}
+        if stage_overrides is not None and k - 1 < len(stage_overrides):
+            entry["overrides"] = list(stage_overrides[k - 1])
+        if done:
+            previous = done[-1]
+            recipe.model.init_from = str(previous.run_dir)
+            init_ckpt = find_checkpoint(previous.run_dir, prefer="best")  # what model.init_from loads
+            overrides = _init_test_overrides(previous.recipe, recipe)
+            if overrides is not None:
+                init = evaluate_run(init_ckpt, overrides=overrides)
+                entry["test_init"] = {key: v for key, v in init.items() if key.startswith("test_")}
+                entry["init_checkpoint"] = str(init_ckpt)
+        result = train_recipe(recipe, run_dir / STAGE_DIR.format(k))
+        done.append(result)
+        entry.update({"image_size": recipe.data.image_size, "epochs": recipe.trainer.epochs,
+                      **{key: v for key, v in result.results.items()
+                         if key.startswith("test_") or key in ("best_epoch", "wall_time_s")}})
+        summary["stages"].append(entry)
+    if state.is_main_process:  # only now: a results.json marks the whole multi-stage run finished
+        tmp = run_dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, run_dir / "results.json")
+    return StagesResult(run_dir, summary, done)

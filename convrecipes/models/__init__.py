@@ -142,7 +142,9 @@ def create_model(
             in_chans=in_chans,
             num_classes=0 if wants_embeddings else num_classes,
             drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
+            # None when 0: timm drops None arguments, so models without stochastic depth (VGG,
+            # DenseNet, Inception) build; a positive rate still reaches (or is refused by) the model
+            drop_path_rate=drop_path_rate or None,
             **kwargs,
         )
     except ModelArgumentError as exc:  # one of ours refused a value
