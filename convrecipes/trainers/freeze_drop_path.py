@@ -28,8 +28,12 @@ Expected effect (paper): on CIFAR-10 the SBN with freeze-drop-path trained faste
 than the same network trained normally, ending at a similar accuracy; the paper reports
 curves, not a table we could match exactly.
 
-Our measured effect: README "Multi-branch networks", ``benchmarks/results/branch_training.json``
-(``python benchmarks/branch_training.py``).
+Our measured effect (``python benchmarks/branch_training.py``; Fashion-MNIST, 10K training
+images, SBN width 16, 8 epochs, 3 seeds, final weights): freeze-drop-path 81.6% test top-1
+against 88.6% for the same SBN trained normally, and 57.5% against 78.7% validation top-1
+after a quarter of the budget: no faster start, slower on every seed, for about 2/3 of the
+wall time per epoch (cheaper steps). Table: README "Multi-branch networks",
+``benchmarks/results/branch_training.json``.
 """
 
 from __future__ import annotations
