@@ -280,3 +280,32 @@ def test_the_families_build_and_take_fashion_mnist():
     # five max-pools (VGG) and DenseNet's transitions leave nothing of 28 px; the others take it as it is
     assert {m for m, c in cands.items() if c.resized} == {"vgg11_bn", "densenet121"}
     assert all(c.input_shape == ((1, 32, 32) if c.resized else (1, 28, 28)) for c in cands.values())
+
+
+def test_a_candidate_that_diverges_is_reported_and_the_comparison_goes_on(tmp_path, monkeypatch):
+    from convrecipes.choose import runs as runs_module
+    from convrecipes.errors import NonFiniteLossError
+
+    real = runs_module.train_or_resume
+
+    def fake(recipe, overrides, run_dir):
+        if "model.name=small_mlp" in overrides:
+            raise NonFiniteLossError("the training loss became nan at epoch 1 (test)")
+        return real(recipe, overrides, run_dir)
+
+    monkeypatch.setattr(runs_module, "train_or_resume", fake)
+    tiny = ["trainer.epochs=1", "data.subset_per_class=20", "trainer.progress=false", "data.batch_size=16",
+            "schedule.warmup_epochs=0"]
+    said: list[str] = []
+    result = compare("quickstart", "tiny_cnn,small_mlp", overrides=tiny, out_dir=tmp_path / "cmp", memory=False,
+                     latency_options=FAST_LATENCY, say=said.append)
+    mlp = result.row("small_mlp")
+    assert mlp["val_top1"] is None and mlp["diverged_seeds"] == 1 and not mlp["pareto"]
+    assert result.row("tiny_cnn")["val_top1"] is not None
+    assert any("diverged" in line for line in said)
+    assert (tmp_path / "cmp" / "runs" / "small_mlp_seed0" / runs_module.DIVERGED).is_file()
+    # a second call does not retrain it
+    monkeypatch.setattr(runs_module, "train_or_resume", real)
+    again = compare("quickstart", "tiny_cnn,small_mlp", overrides=tiny, out_dir=tmp_path / "cmp", memory=False,
+                    latency_options=FAST_LATENCY, say=said.append)
+    assert again.row("small_mlp")["diverged_seeds"] == 1

@@ -140,6 +140,7 @@ def _row(cand: Candidate, runs: list[dict[str, Any]], m: dict[str, Any]) -> dict
         "threads": b1["threads"],
         "device": b1["device"],
         "pareto": False,
+        "diverged_seeds": sum(bool(r.get("diverged")) for r in runs),
     }
 
 
@@ -242,6 +243,11 @@ def _timm_version() -> str:
 
 def _notes(candidates: Sequence[Candidate], rows: Sequence[dict[str, Any]], metric: str, batch: int) -> list[str]:
     notes = []
+    diverged = [r for r in rows if r.get("diverged_seeds")]
+    if diverged:
+        notes.append("diverged (non-finite loss at the recipe's settings; no accuracy, off the Pareto front): "
+                     + ", ".join(f"{r['model']} ({r['diverged_seeds']} of {r['seeds']} seeds)" for r in diverged)
+                     + "; compare them again with e.g. a lower optimizer.lr into another --out")
     resized = [c for c in candidates if c.resized]
     if resized:
         notes.append("resized: " + ", ".join(f"{c.model} to {c.image_size} px (it cannot take {c.native_size} px)"

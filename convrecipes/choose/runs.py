@@ -25,11 +25,18 @@ _IGNORED_KEYS = ("name", "description", "output_dir", "augment.mean", "augment.s
                  "trainer.checkpoint_every_steps", "trainer.collective_timeout_s")
 
 
+#: written into a run directory whose training stopped on a non-finite loss
+DIVERGED = "diverged.json"
+
+
 def run_state(run_dir: PathLike) -> str:
-    """``"finished"`` (``results.json``), ``"unfinished"`` (``last.safetensors`` only) or ``"new"``."""
+    """``"finished"`` (``results.json``), ``"diverged"`` (stopped on a NaN loss, ``diverged.json``),
+    ``"unfinished"`` (``last.safetensors`` only) or ``"new"``."""
     run_dir = Path(run_dir)
     if (run_dir / "results.json").is_file():
         return "finished"
+    if (run_dir / DIVERGED).is_file():
+        return "diverged"
     if (run_dir / "last.safetensors").is_file():
         return "unfinished"
     return "new"
@@ -119,17 +126,32 @@ def train_all(recipe: PathLike, jobs: Sequence[tuple[str, Sequence[str], PathLik
     (``check_run_matches``) before the first training starts."""
     for _, overrides, run_dir in jobs:
         check_run_matches(run_dir, load_recipe(recipe, ["trainer.progress=false", *overrides]))
-    results = []
+    from convrecipes.errors import NonFiniteLossError
+
+    results: list[Optional[RunResult]] = []
     n = len(jobs)
     for i, (what, overrides, run_dir) in enumerate(jobs, 1):
         state = run_state(run_dir)
+        if state == "diverged":
+            say(f"[{i}/{n}] {what}: diverged before ({Path(run_dir) / DIVERGED}); not retrained. To retry, e.g. with a "
+                f"lower optimizer.lr, compare into another --out")
+            results.append(None)
+            continue
         if state == "finished":
             say(f"[{i}/{n}] {what}: finished run in {run_dir}, reading its results")
         elif state == "unfinished":
             say(f"[{i}/{n}] resuming {what} from {Path(run_dir) / 'last.safetensors'} ...")
         else:
             say(f"[{i}/{n}] training {what} -> {run_dir} ...")
-        results.append(train_or_resume(recipe, overrides, run_dir))
+        try:
+            results.append(train_or_resume(recipe, overrides, run_dir))
+        except NonFiniteLossError as exc:
+            # one candidate that diverges at the shared LR is a result (it needs another LR), not
+            # a reason to lose the rest of the comparison
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / DIVERGED).write_text(json.dumps({"error": str(exc)}, indent=2))
+            say(f"[{i}/{n}] {what} diverged (non-finite loss); it is reported without accuracy: {exc}")
+            results.append(None)
     return results
 
 
@@ -142,6 +164,9 @@ def run_metrics(run_dir: PathLike) -> dict[str, Any]:
     from convrecipes.trainers.metrics_log import read_jsonl
 
     run_dir = Path(run_dir)
+    if run_state(run_dir) == "diverged":
+        return {"run_dir": str(run_dir), "test_top1": None, "val_top1": None, "train_images_per_s": None,
+                "wall_time_s": None, "epochs": None, "num_parameters": None, "diverged": True}
     results = json.loads((run_dir / "results.json").read_text())
     history = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     vals = [r["val_top1"] for r in history if r.get("val_top1") is not None]
