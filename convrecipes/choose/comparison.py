@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -196,6 +197,7 @@ def compare(
     overrides = list(overrides)
     if any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
         raise RecipeError("give the seeds with --seeds (e.g. --seeds 0 1), not seed=...")
+    started = time.perf_counter()
     candidates = prepare_candidates(recipe, models, overrides, image_size, say=say)
     base = candidates[0].recipe
     seeds = list(seeds) if seeds else [base.seed]
@@ -225,12 +227,16 @@ def compare(
     meta = {"recipe": str(recipe), "recipe_name": base.name, "overrides": overrides, "seeds": seeds,
             "metric": chosen, "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": _timm_version(), "latency_batch": latency_batch,
-            "notes": _notes(candidates, rows, chosen, latency_batch)}
+            "notes": _notes(candidates, rows, chosen, latency_batch),
+            # this call's time (training, reading finished runs, measuring) and the runs' own training time
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "training_wall_time_s": round(sum(r["wall_time_s"] or 0.0 for r in runs), 1)}
     result = ComparisonResult(out, rows, runs)
     result.files = write_comparison(result, meta)
     say(format_table(rows, markdown=False))
     for note in meta["notes"]:
         say(f"  {note}")
+    say(f"comparison wall time {meta['wall_time_s']:.0f} s (the runs' training: {meta['training_wall_time_s']:.0f} s)")
     say(f"wrote {', '.join(str(p) for p in result.files.values())}")
     return result
 
