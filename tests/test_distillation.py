@@ -8,7 +8,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -36,6 +35,7 @@ from convrecipes.trainers.distillation import (
     TeacherEnsemble,
     distillation_kl,
 )
+from tests.conftest import run_launched
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -428,6 +428,7 @@ from convrecipes.data.loader import ImageTensorDataset, InMemoryLoader
 from convrecipes.models import create_model
 from convrecipes.trainers import DistillationTrainer
 from convrecipes.checkpoint import weights_sha256
+from tests.conftest import run_launched
 
 out = sys.argv[1]
 g = torch.Generator().manual_seed(0)
@@ -472,7 +473,7 @@ def test_two_process_ddp_distillation_runs(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--machine_rank", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launched(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:

@@ -36,7 +36,7 @@ from convrecipes.lr_finder import (
     valley_index,
 )
 from convrecipes.trainers import ModelCheckpoint, StepOutput, SupervisedTrainer
-from tests.conftest import make_blobs_dataset
+from tests.conftest import make_blobs_dataset, run_launched
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -471,7 +471,7 @@ def test_lr_find_under_two_processes(tmp_path):
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "worker.json"
-    result = subprocess.run(launch + [str(ROOT / "tests" / "lr_finder_ddp_worker.py"), str(out)], env=env,
+    result = run_launched(launch + [str(ROOT / "tests" / "lr_finder_ddp_worker.py"), str(out)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = json.loads(out.read_text())
@@ -481,7 +481,7 @@ def test_lr_find_under_two_processes(tmp_path):
     assert all(r["global_batch_size"] == 8 * 2 * 2 for r in ranks)  # 8 per process x 2 processes x 2 accumulation
     assert all(r["restored"] for r in ranks)
     cli_out = tmp_path / "cli"
-    result = subprocess.run(launch + ["-m", "convrecipes.cli", "lr-find", "quickstart", *TINY, "--num-iters", "20",
+    result = run_launched(launch + ["-m", "convrecipes.cli", "lr-find", "quickstart", *TINY, "--num-iters", "20",
                                       "--out", str(cli_out)],
                             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_launched
 
 ROOT = Path(__file__).parent.parent
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -19,7 +20,7 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONP
 
 def test_two_processes_train_in_sync_and_evaluate_each_sample_once(tmp_path):
     out = tmp_path / "ddp.json"
-    result = subprocess.run(LAUNCH + [str(ROOT / "tests" / "ddp_worker.py"), str(out)], env=ENV,
+    result = run_launched(LAUNCH + [str(ROOT / "tests" / "ddp_worker.py"), str(out)], env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -36,7 +37,7 @@ def test_two_processes_train_in_sync_and_evaluate_each_sample_once(tmp_path):
 
 def test_cli_train_under_accelerate_launch(tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = run_launched(
         LAUNCH + ["-m", "convrecipes.cli", "train", "quickstart", "trainer.epochs=2", "model.kwargs.width=4",
                   "trainer.progress=false", "--run-dir", str(run_dir)],
         env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
