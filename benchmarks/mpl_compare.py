@@ -29,7 +29,7 @@ import json
 import statistics
 from pathlib import Path
 
-from _common import output_to, run_jobs, train_run  # benchmarks/ is on sys.path when run as a script
+from _common import output_to, run_jobs, summary, train_run  # benchmarks/ is on sys.path when run as a script
 
 FAMILIES = {
     "fashion_mnist": ("fashion_mnist_40labels_supervised", "fashion_mnist_40labels_uda", "mpl_fashion_mnist"),
@@ -58,12 +58,6 @@ def train(recipe: str, run_dir: Path, overrides: list[str]) -> dict:
     return row
 
 
-def summary(rows: list[dict], key: str = "test_top1") -> dict:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return {}
-    return {"mean": round(statistics.mean(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
-            "stdev": round(statistics.stdev(values), 2) if len(values) > 1 else None, "n": len(values)}
 
 
 def main() -> None:

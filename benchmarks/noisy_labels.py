@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from _common import output_to, run_jobs, train_run  # benchmarks/ is on sys.path when run as a script
+from _common import output_to, run_jobs, summary, train_run  # benchmarks/ is on sys.path when run as a script
 
 FAMILIES = {
     "fashion_mnist": {"ce": "fashion_mnist_noisy_ce", "soft": "fashion_mnist_noisy_soft",
@@ -59,12 +58,6 @@ def train(recipe: str, run_dir: Path, overrides: list[str]) -> dict:
             "wall_time_s": run.results["wall_time_s"]}
 
 
-def summary(rows: list[dict], key: str) -> dict:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return {}
-    return {"mean": round(statistics.mean(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
-            "n": len(values)}
 
 
 def plot_memorisation(table: dict, path: Path) -> Path:

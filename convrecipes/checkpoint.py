@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -204,23 +204,34 @@ def _open(path: PathLike) -> tuple[dict[str, str], dict[str, Any]]:
         raise CheckpointError(f"checkpoint {path} has a corrupt header ({exc})") from None
 
 
+def weights_mismatch(own: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                     expected: Optional[Sequence[str]] = None, source_word: str = "checkpoint") -> Optional[str]:
+    """How ``weights`` fail to fit a model whose state dict is ``own`` (shape mismatches,
+    missing and unexpected names, a few of each), or None when they fit. ``expected``: the
+    names the weights must hold (default all of ``own``)."""
+    expected = list(own) if expected is None else list(expected)
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [f"{k}: {source_word} {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in expected if k in weights and weights[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return None
+    lines = []
+    if mismatched:
+        lines.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
+    if missing:
+        lines.append(f"{len(missing)} weights missing from the {source_word}, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:3])}")
+    return "; ".join(lines)
+
+
 def load_model_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: PathLike) -> None:
     """``model.load_state_dict(weights)`` with a clear error when the architecture differs."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = []
-        if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
-        if missing:
-            lines.append(f"{len(missing)} weights missing from the checkpoint, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            lines.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:3])}")
+    problem = weights_mismatch(model.state_dict(), weights)
+    if problem:
         raise CheckpointError(
-            f"checkpoint {source} does not fit this model ({'; '.join(lines)}); it was probably saved from "
+            f"checkpoint {source} does not fit this model ({problem}); it was probably saved from "
             f"another architecture or number of classes — use the recipe the checkpoint was trained with"
         )
     model.load_state_dict(weights)

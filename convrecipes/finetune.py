@@ -403,7 +403,7 @@ def load_init_weights(model: nn.Module, source: InitSource, classes: Sequence[st
     """
     from safetensors.torch import load_file
 
-    from convrecipes.checkpoint import file_sha256, load_checkpoint, model_weights_of
+    from convrecipes.checkpoint import file_sha256, load_checkpoint, model_weights_of, weights_mismatch
 
     meta: dict[str, Any] = {}
     if source.kind == "checkpoint":
@@ -424,20 +424,10 @@ def load_init_weights(model: nn.Module, source: InitSource, classes: Sequence[st
     if reset:
         weights = {k: v for k, v in weights.items() if k not in head}
     expected = [k for k in own if not (reset and k in head)]
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    mismatched = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in expected if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = []
-        if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
-        if missing:
-            lines.append(f"{len(missing)} weights missing from the file, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            lines.append(f"{len(unexpected)} unexpected weights, e.g. {', '.join(unexpected[:3])}")
+    problem = weights_mismatch(own, weights, expected, source_word="file")
+    if problem:
         raise CheckpointError(f"model.init_from {source.file} does not fit {type(model).__name__} outside its "
-                              f"classifier ({'; '.join(lines)}); start from weights of the same architecture "
+                              f"classifier ({problem}); start from weights of the same architecture "
                               f"(model.name and model.kwargs as the run that wrote them)")
     merged = {**own, **{k: v.to(own[k].dtype) for k, v in weights.items()}}
     model.load_state_dict(merged)
