@@ -5,7 +5,6 @@ trainer steps, and the errors a user can cause."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from convrecipes.models.sbn import StagewiseBoostingNet
 from convrecipes.recipe import load_recipe
 from convrecipes.trainers import TRAINERS, FreezeDropPathTrainer, Trainer
 from convrecipes.trainers.freeze_drop_path import freeze_drop_path_joins
+from tests.conftest import run_launched
 
 ROOT = Path(__file__).parent.parent
 
@@ -342,9 +342,7 @@ def test_two_processes_draw_the_same_branches_and_keep_frozen_branches_unchanged
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = LAUNCH + [str(ROOT / "tests" / "fdp_ddp_worker.py"), str(tmp_path)]
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
-        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)  # see contract
+    result = run_launched(args, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["branches"] == reports[1]["branches"]
