@@ -61,9 +61,26 @@ def _stage_recipes(args: argparse.Namespace) -> tuple[list[Any], list[list[str]]
     return recipes, stage_overrides
 
 
+def _print_stages(staged: Any) -> None:
+    """Each stage's test results (and its initial weights' where measured), then the summary file."""
+    from convrecipes.run import process_state
+
+    if not process_state().is_main_process:
+        return
+    for entry, run in zip(staged.results["stages"], staged.stages):
+        if "test_init" in entry:
+            _print_table(entry["test_init"], f"stage {entry['stage']}: its initial weights (stage "
+                                             f"{entry['stage'] - 1}'s) on its test data, before training:")
+        _print_run_results(run.results, run.recipe, run.run_dir,
+                           f"stage {entry['stage']} ({' '.join(entry.get('overrides', [])) or 'the recipe'})"
+                           f" test results ({run.run_dir / 'results.json'}):")
+    print(f"summary of {len(staged.stages)} stages: {staged.run_dir / 'results.json'}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from convrecipes.recipe import load_recipe
-    from convrecipes.run import process_state, recipe_of_checkpoint, train_recipe, train_stages
+    from convrecipes.run import (is_multi_stage_run, process_state, recipe_of_checkpoint, resume_stages, train_recipe,
+                                 train_stages)
 
     resume_ckpt = None
     if args.resume:
@@ -76,6 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.insert(0, args.recipe)
         elif args.recipe:
             print(f"resuming with the recipe recorded in {args.resume}; ignoring {args.recipe}", file=sys.stderr)
+        if is_multi_stage_run(args.resume):
+            if overrides:
+                raise RecipeError(f"{args.resume} is a multi-stage run: it resumes with the stages' recorded recipes, "
+                                  f"so overrides do not apply; drop {' '.join(overrides)} (or resume one stage: "
+                                  f"--resume {args.resume}/stageN)")
+            _print_stages(resume_stages(args.resume))
+            return 0
         recipe, resume_ckpt = recipe_of_checkpoint(args.resume, prefer="last", overrides=overrides)
     else:
         if not args.recipe:
@@ -83,15 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.then:
             recipes, stage_overrides = _stage_recipes(args)
             staged = train_stages(recipes, args.run_dir, overwrite=args.overwrite, stage_overrides=stage_overrides)
-            if process_state().is_main_process:
-                for entry, run in zip(staged.results["stages"], staged.stages):
-                    if "test_init" in entry:
-                        _print_table(entry["test_init"], f"stage {entry['stage']}: its initial weights (stage "
-                                                         f"{entry['stage'] - 1}'s) on its test data, before training:")
-                    _print_run_results(run.results, run.recipe, run.run_dir,
-                                       f"stage {entry['stage']} ({' '.join(entry.get('overrides', [])) or 'the recipe'})"
-                                       f" test results ({run.run_dir / 'results.json'}):")
-                print(f"summary of {len(staged.stages)} stages: {staged.run_dir / 'results.json'}")
+            _print_stages(staged)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.init_from:

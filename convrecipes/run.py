@@ -174,7 +174,8 @@ class RunDirLock:
             self.held = False
 
 
-RUN_FILES = ("results.json", "last.safetensors", "best.safetensors", "metrics.jsonl")
+# what marks a directory as holding a run (stages.json: a multi-stage run's parent)
+RUN_FILES = ("results.json", "last.safetensors", "best.safetensors", "metrics.jsonl", "stages.json")
 
 
 def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool = False) -> Optional[Path]:
@@ -488,6 +489,20 @@ def _init_test_overrides(before: Recipe, after: Recipe) -> Optional[list[str]]:
             if getattr(a, key) != getattr(b, key)]
 
 
+STAGES_FILE = "stages.json"
+
+
+def is_multi_stage_run(path: PathLike) -> bool:
+    """True for the parent directory of a ``--then`` multi-stage run (it holds ``stages.json``)."""
+    return (Path(path) / STAGES_FILE).is_file()
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def train_stages(
     recipes: Sequence[Recipe],
     run_dir: Optional[PathLike] = None,
@@ -502,7 +517,9 @@ def train_stages(
     Stage ``k`` trains into ``<run_dir>/stage<k>`` with ``train_recipe``; from stage 2 on
     its ``model.init_from`` is set to the previous stage's run directory (its best
     checkpoint), and that checkpoint is first tested on the stage's own test data
-    (``test_init``). ``<run_dir>/results.json`` sums the stages up.
+    (``test_init``). ``<run_dir>/stages.json`` records the stages' recipes and progress from
+    the start, so a killed multi-stage run continues with ``resume_stages`` (``convrecipes
+    train --resume <run_dir>``); ``<run_dir>/results.json`` sums the stages up at the end.
 
     Args:
         recipes: one validated recipe per stage.
@@ -516,6 +533,7 @@ def train_stages(
         RunDirError: ``run_dir`` holds another run.
     """
     from convrecipes.errors import RecipeError
+    from convrecipes.recipe import recipe_to_dict
 
     if not recipes:
         raise RecipeError("train_stages needs at least one recipe")
@@ -531,34 +549,79 @@ def train_stages(
             aside = claim_run_dir(run_dir, resume=False, overwrite=overwrite)
             if aside is not None:
                 print(f"moved the previous run in {run_dir} aside to {aside}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(run_dir / STAGES_FILE, {
+                "recipes": [recipe_to_dict(r) for r in recipes],
+                "stage_overrides": [list(o) for o in stage_overrides] if stage_overrides is not None else None,
+                "entries": {}})
         except RunDirError as exc:
             refusal = str(exc)
     refusal = _from_main_process(refusal, state)
     if refusal:
         raise RunDirError(refusal)
+    return _run_stages(list(recipes), run_dir, stage_overrides, state)
+
+
+def resume_stages(run_dir: PathLike) -> StagesResult:
+    """Continue a killed multi-stage run in ``run_dir`` (written by ``train_stages``):
+    finished stages are read back, the stage that was training resumes from its
+    ``last.safetensors`` exactly, later stages train as they would have, and
+    ``<run_dir>/results.json`` is written at the end as for an uninterrupted run.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a multi-stage run.
+    """
+    from convrecipes.recipe import recipe_from_dict
+
+    run_dir = Path(run_dir)
+    if not is_multi_stage_run(run_dir):
+        raise RunDirError(f"{run_dir} is not a multi-stage run (no {STAGES_FILE}); pass the parent directory that "
+                          f"`convrecipes train ... --then ...` wrote, or a single run directory")
+    record = json.loads((run_dir / STAGES_FILE).read_text())
+    recipes = [recipe_from_dict(raw) for raw in record["recipes"]]
+    return _run_stages(recipes, run_dir, record.get("stage_overrides"), process_state())
+
+
+def _run_stages(recipes: list[Recipe], run_dir: Path, stage_overrides: Optional[Sequence[Sequence[str]]],
+                state: Any) -> StagesResult:
+    """The stages of ``train_stages`` / ``resume_stages``: each finished one read back, an
+    unfinished one resumed, the others trained; progress kept in ``stages.json``."""
+    record_path = run_dir / STAGES_FILE
     summary: dict[str, Any] = {"run_dir": str(run_dir), "stages": []}
     done: list[RunResult] = []
     for k, recipe in enumerate(recipes, start=1):
-        entry: dict[str, Any] = {"stage": k, "run_dir": str(run_dir / STAGE_DIR.format(k))}
+        stage_dir = run_dir / STAGE_DIR.format(k)
+        record = json.loads(record_path.read_text())
+        entry: dict[str, Any] = dict(record["entries"].get(str(k), {}))
+        entry.update({"stage": k, "run_dir": str(stage_dir)})
         if stage_overrides is not None and k - 1 < len(stage_overrides):
             entry["overrides"] = list(stage_overrides[k - 1])
         if done:
             previous = done[-1]
             recipe.model.init_from = str(previous.run_dir)
-            init_ckpt = find_checkpoint(previous.run_dir, prefer="best")  # what model.init_from loads
-            overrides = _init_test_overrides(previous.recipe, recipe)
-            if overrides is not None:
-                init = evaluate_run(init_ckpt, overrides=overrides)
-                entry["test_init"] = {key: v for key, v in init.items() if key.startswith("test_")}
-                entry["init_checkpoint"] = str(init_ckpt)
-        result = train_recipe(recipe, run_dir / STAGE_DIR.format(k))
+            if "test_init" not in entry:  # measured once, before the stage first trained
+                init_ckpt = find_checkpoint(previous.run_dir, prefer="best")  # what model.init_from loads
+                overrides = _init_test_overrides(previous.recipe, recipe)
+                if overrides is not None:
+                    init = evaluate_run(init_ckpt, overrides=overrides)
+                    entry["test_init"] = {key: v for key, v in init.items() if key.startswith("test_")}
+                    entry["init_checkpoint"] = str(init_ckpt)
+                    if state.is_main_process:
+                        record["entries"][str(k)] = entry
+                        _write_json_atomic(record_path, record)
+        if (stage_dir / "results.json").is_file():
+            finished = json.loads((stage_dir / "results.json").read_text())
+            result = RunResult(stage_dir, finished, recipe=recipe_of_checkpoint(stage_dir, prefer="last")[0])
+        elif (stage_dir / "last.safetensors").is_file():
+            stage_recipe, ckpt = recipe_of_checkpoint(stage_dir, prefer="last")
+            result = train_recipe(stage_recipe, stage_dir, resume_from=ckpt)
+        else:
+            result = train_recipe(recipe, stage_dir)
         done.append(result)
-        entry.update({"image_size": recipe.data.image_size, "epochs": recipe.trainer.epochs,
+        entry.update({"image_size": result.recipe.data.image_size, "epochs": result.recipe.trainer.epochs,
                       **{key: v for key, v in result.results.items()
                          if key.startswith("test_") or key in ("best_epoch", "wall_time_s")}})
         summary["stages"].append(entry)
     if state.is_main_process:  # only now: a results.json marks the whole multi-stage run finished
-        tmp = run_dir / ".results.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, run_dir / "results.json")
+        _write_json_atomic(run_dir / "results.json", summary)
     return StagesResult(run_dir, summary, done)

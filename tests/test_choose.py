@@ -127,6 +127,14 @@ def test_model_kwargs_reach_every_candidate_and_a_misfit_is_named():
         prepare_candidates("quickstart", "tiny_cnn", ["model.name=small_mlp"])
 
 
+def test_init_from_weights_of_one_model_is_refused_for_other_candidates(tmp_path):
+    weights = tmp_path / "own.safetensors"
+    weights.write_bytes(b"")  # never read: the refusal comes first
+    with pytest.raises(RecipeError, match=r"model.init_from=null") as err:
+        prepare_candidates("quickstart", "tiny_cnn,small_mlp", [f"model.init_from={weights}"])
+    assert "small_mlp" in str(err.value) and "tiny_cnn" in str(err.value)
+
+
 def test_unknown_model_fails_with_did_you_mean_and_creates_no_run_dir(tmp_path, capsys):
     from convrecipes.cli import main
 

@@ -250,3 +250,48 @@ def test_init_from_option_and_two_stage_command_record_both_stages(digits_run, t
     assert "--init-from and --then do not apply" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="only the data section"):
         evaluate_run(single, overrides=["model.kwargs.width=8"])
+
+
+def test_a_killed_multi_stage_run_resumes_to_the_same_weights_and_summary(tmp_path, monkeypatch, capsys):
+    import convrecipes.trainers.base as base
+    from convrecipes.checkpoint import load_checkpoint
+    from convrecipes.cli import main
+
+    then = ["--then", "data.image_size=16", "trainer.epochs=2", "optimizer.lr=0.01"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert main(["train", "quickstart", *TINY, "--run-dir", str(reference), *then]) == 0
+
+    real, writes = base.write_atomic, []
+
+    def kill_after_stage2_epoch1(path, data):
+        out = real(path, data)
+        writes.append(path)
+        if path == killed / "stage2" / "last.safetensors":
+            raise KeyboardInterrupt  # as if killed right after stage 2's first epoch was saved
+        return out
+
+    monkeypatch.setattr(base, "write_atomic", kill_after_stage2_epoch1)
+    assert main(["train", "quickstart", *TINY, "--run-dir", str(killed), *then]) == 130
+    monkeypatch.setattr(base, "write_atomic", real)
+    assert not (killed / "results.json").exists() and (killed / "stage1" / "results.json").exists()
+    assert read_metadata(killed / "stage2" / "last.safetensors")["epoch"] == 1
+
+    # training into it again is refused with the way to continue; overrides on resume are refused
+    assert main(["train", "quickstart", *TINY, "--run-dir", str(killed), *then]) == 2
+    assert f"convrecipes train --resume {killed}" in capsys.readouterr().err
+    assert main(["train", "--resume", str(killed), "trainer.epochs=3"]) == 2
+    assert "multi-stage run" in capsys.readouterr().err
+
+    assert main(["train", "--resume", str(killed)]) == 0
+    assert "stage 2 (data.image_size=16 trainer.epochs=2 optimizer.lr=0.01) test results" in capsys.readouterr().out
+    ref_state, _ = load_checkpoint(reference / "stage2" / "last.safetensors")
+    got_state, meta = load_checkpoint(killed / "stage2" / "last.safetensors")
+    assert meta["epoch"] == 2
+    for name, tensor in ref_state["model"].items():
+        assert torch.equal(tensor, got_state["model"][name]), name
+    ref_summary = json.loads((reference / "results.json").read_text())
+    got_summary = json.loads((killed / "results.json").read_text())
+    for ref_entry, got_entry in zip(ref_summary["stages"], got_summary["stages"]):
+        for key in ("test_final", "test_init", "image_size", "epochs", "overrides"):
+            assert ref_entry.get(key) == got_entry.get(key), key
+    assert "test_init" in got_summary["stages"][1]

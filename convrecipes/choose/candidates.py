@@ -186,6 +186,14 @@ def prepare_candidates(
     own = base.model.name
     names = names or [own]
     check_known(names)  # before the data is read or any model built
+    others = [n for n in names if n != own]
+    if base.model.init_from and others:
+        # the weights belong to the recipe's own architecture: loading them into another
+        # candidate fails, and training only some candidates from them is not a fair comparison
+        raise RecipeError(f"the recipe starts from model.init_from={base.model.init_from}, weights of {own}, which "
+                          f"the other candidates ({', '.join(others)}) cannot load; compare from scratch with "
+                          f"model.init_from=null (and without model.freeze*), or compare pretrained timm weights "
+                          f"with model.pretrained=true")
     size_fixed = isinstance(policy, int) or _size_overrides(overrides) or base.data.image_size is not None
 
     test = load_datasets(base, splits=("test",)).test  # the data's shape and classes, without the training split
