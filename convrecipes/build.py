@@ -537,6 +537,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     metadata = {
         "recipe": recipe_to_dict(recipe),
         "classes": train.classes,
+        # what the model takes: `predict` and `export` prepare new images to this shape
+        "image_shape": [channels, height, width],
         "num_parameters": num_parameters,
         "global_batch_size": batch_size,
         "num_processes": accelerator.num_processes,
@@ -568,6 +570,13 @@ def _trainer_params(recipe: Recipe) -> dict[str, Any]:
     from convrecipes.registry import check_params as check
 
     name = recipe.trainer.name
+    return check(f"trainer {name!r}", dict(recipe.trainer.params), trainer_recipe_params(name), key="trainer.params")
+
+
+def trainer_recipe_params(name: str) -> dict[str, inspect.Parameter]:
+    """The parameters ``trainer.params`` may set for trainer ``name``: its constructor's
+    own (not the loop's, which come from the trainer section), plus its builder's
+    recipe-only ones, less the arguments its builder makes."""
     valid = TRAINERS.params(name, exclude=inspect.signature(Trainer.__init__).parameters)
     if name in TRAINER_BUILDERS:
         builder = TRAINER_BUILDERS.get(name)
@@ -575,7 +584,7 @@ def _trainer_params(recipe: Recipe) -> dict[str, Any]:
             valid.pop(key, None)
         for key, default in getattr(builder, "recipe_params", {}).items():
             valid[key] = inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
-    return check(f"trainer {name!r}", dict(recipe.trainer.params), valid, key="trainer.params")
+    return valid
 
 
 def _semi_supervised_loader(recipe: Recipe, labeled: InMemoryLoader, unlabeled: Optional[ImageTensorDataset],

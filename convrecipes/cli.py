@@ -1,4 +1,4 @@
-"""Command line: ``convrecipes train|evaluate|recipes|lr-find|find-label-issues|compare`` (and ``lr-find``).
+"""Command line: ``convrecipes train|evaluate|predict|export|recipes|lr-find|find-label-issues|compare`` (and ``lr-find``).
 
 User errors (a bad recipe key, missing data, a wrong checkpoint, a NaN loss) print one
 message and exit with code 2; no traceback.
@@ -83,6 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                  train_stages)
 
     resume_ckpt = None
+    if args.dry_run:
+        from convrecipes.show import cmd_dry_run
+
+        return cmd_dry_run(args)
     if args.resume:
         if args.init_from or args.then:
             raise RecipeError(f"--resume continues a run with its recorded recipe, so --init-from and --then do not "
@@ -132,14 +136,18 @@ def _model_kwargs(pairs: Optional[Sequence[str]]) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from convrecipes.evaluation_report import default_report_dir, per_class_table
     from convrecipes.run import evaluate_run, process_state
 
+    if args.top_losses < 0:
+        raise ConvrecipesError(f"--top-losses takes the number of images on the sheet (0: none), got {args.top_losses}")
     result = evaluate_run(args.run, args.weights, ema=args.ema, data_dir=args.data_dir, plot=args.plot,
-                          model_kwargs=_model_kwargs(args.model_kwarg))
+                          model_kwargs=_model_kwargs(args.model_kwarg), top_losses=args.top_losses,
+                          report_dir=args.out or default_report_dir(args.run, args.weights))
     if not process_state().is_main_process:
         return 0
-    if args.plot and "test_recall_at_1" in result:
-        print(f"wrote {args.plot}")
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("epoch", "dataset", "weights",
                                                                          "unseen_test_classes")}))
@@ -151,6 +159,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     changed = "".join(f", model.kwargs.{k}={v}" for k, v in result.get("model_kwargs", {}).items())
     _print_table(metrics, f"{result['checkpoint']} ({result['weights']} weights, epoch {result['epoch']}{changed}) "
                           f"on the {result['dataset']} test set:")
+    if "per_class" in result:
+        print(f"per class (overall top-1 {result['test_top1']:.2f}%):")
+        print(per_class_table(result["per_class"], result["macro_average"]))
+        print(f"wrote {', '.join(result['report_files'])}")
     return 0
 
 
@@ -179,10 +191,17 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convrecipes", description="Training recipes for image classification.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a recipe", description="Train a recipe; writes a run directory.")
+    from convrecipes.show import SHOW_DESCRIPTION, TRAIN_EPILOG, add_show_arguments, cmd_show
+
+    train = sub.add_parser("train", help="train a recipe", description="Train a recipe; writes a run directory.",
+                           epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", nargs="?", help="recipe YAML path or name in recipes/ (e.g. quickstart)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=0.05 trainer.epochs=3")
-    train.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print what `convrecipes show` prints, the data summary and the model's parameter "
+                            "count, and stop: nothing trains, no run directory is created")
+    train.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<timestamp>; for image_folder "
+                                         "data: <data folder>-<timestamp>)")
     train.add_argument("--resume", help="run directory or checkpoint to resume (continues to the recipe's epochs)")
     train.add_argument("--overwrite", action="store_true",
                        help="--run-dir holds a run: move it aside to <dir>.old-<timestamp> and start afresh")
@@ -200,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights", choices=("best", "last"), default="best", help="which checkpoint of a run directory")
     ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     ev.add_argument("--data-dir", help="where the dataset is, if not where training found it")
-    ev.add_argument("--plot", help="PNG path for a 2-D embedding plot (models with a 2-D embedding layer)")
+    ev.add_argument("--plot", help="PNG path for a 2-D embedding plot (models with a 2-D embedding layer: "
+                                   "model.embedding_dim=2; any other model is refused before evaluating)")
+    ev.add_argument("--out", metavar="DIR", help="where to write confusion_matrix.png, top_losses.png and "
+                                                 "evaluation.json (default: <run dir>/evaluation)")
+    ev.add_argument("--top-losses", type=int, default=16, metavar="K",
+                    help="the K most confidently wrong test images on top_losses.png (default 16; 0: none)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--model-kwarg", action="append", metavar="KEY=VALUE",
                     help="rebuild the model with this model.kwargs entry changed, e.g. column=2 (FractalNet's "
@@ -208,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
     rec = sub.add_parser("recipes", help="list the available recipes")
     rec.set_defaults(func=cmd_recipes)
+    show = sub.add_parser("show", help="print a resolved recipe: every key, its value and its help",
+                          description=SHOW_DESCRIPTION)
+    add_show_arguments(show)
+    show.set_defaults(func=cmd_show)
     from convrecipes.lr_finder.command import add_lr_find_arguments
 
     lrf = sub.add_parser("lr-find", help="LR range test of a recipe (also the `lr-find` command)",
@@ -231,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      "With --fractions: learning curves instead.")
     add_compare_arguments(cmp)
     cmp.set_defaults(func=cmd_compare)
+    from convrecipes.predict import add_arguments as add_predict_arguments, cmd_predict
+
+    pred = sub.add_parser("predict", help="classify image files or folders with a trained run",
+                          description="Classify image files and folders (recursively) with a run's model, "
+                                      "preprocessed as its training images were; writes a CSV of the top-k classes "
+                                      "and probabilities. Unreadable files are listed, not fatal.")
+    add_predict_arguments(pred)
+    pred.set_defaults(func=cmd_predict)
+    from convrecipes.export import add_arguments as add_export_arguments, cmd_export
+
+    exp = sub.add_parser("export", help="export a run's model to ONNX or TorchScript",
+                         description="Write the run's model as ONNX (dynamic batch) or TorchScript, its plain weights "
+                                     "(model.safetensors) and its preprocessing (preprocess.json), and check that "
+                                     "the export gives the run's logits on a few test images.")
+    add_export_arguments(exp)
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

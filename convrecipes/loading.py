@@ -55,7 +55,7 @@ class LoadedRun:
 
 
 def load_run_model(path: PathLike, prefer: str = "best", num_classes: Optional[int] = None,
-                   what: str = "run") -> LoadedRun:
+                   what: str = "run", ema: bool = False) -> LoadedRun:
     """Rebuild the model a ``convrecipes train`` run trained, with its weights.
 
     Args:
@@ -63,6 +63,7 @@ def load_run_model(path: PathLike, prefer: str = "best", num_classes: Optional[i
         prefer: ``best`` or ``last`` (for a run directory).
         num_classes: refuse a model predicting another number of classes.
         what: the word for it in error messages ("teacher", "run").
+        ema: load the checkpoint's EMA weights instead of the raw ones.
     """
     from convrecipes.build import build_model
     from convrecipes.recipe import recipe_from_dict
@@ -79,6 +80,11 @@ def load_run_model(path: PathLike, prefer: str = "best", num_classes: Optional[i
         raise RecipeError(f"{what} {file} predicts {len(classes)} classes but {needed} {num_classes}; use one "
                           f"trained on the same classes (same dataset)")
     weights = model_weights_of(state, file)
+    if ema:
+        if not isinstance(state.get("ema"), dict) or not state["ema"]:
+            raise CheckpointError(f"{what} checkpoint {file} has no EMA weights (trained without trainer.ema_decay); "
+                                  f"drop --ema")
+        weights = state["ema"]
     in_chans = recipe.data.channels
     if in_chans is None:  # native channels: read them off the stem convolution
         in_chans = next((int(w.shape[1]) for w in weights.values() if w.dim() == 4), 3)
