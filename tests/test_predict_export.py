@@ -269,3 +269,28 @@ def test_export_onnx_without_the_packages_names_the_extra(trained, tmp_path, cap
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     _assert_user_error(main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")]), capsys,
                        "onnxscript", "pip install 'convrecipes[export]'")
+
+
+def test_export_of_a_model_returning_model_output_gives_its_logits(trained, tmp_path):
+    import onnxruntime
+
+    from convrecipes.export import export_run
+    from convrecipes.models import Classifier
+
+    run_dir, root, _ = trained
+    state, meta = load_checkpoint(run_dir / "last.safetensors")
+    meta["recipe"]["model"].update(with_embeddings=True, embedding_dim=2)
+    recipe = recipe_from_dict(meta["recipe"])
+    torch.manual_seed(1)
+    model = build_model(recipe, in_chans=3, num_classes=len(CLASSES), pretrained=False).eval()
+    assert isinstance(model, Classifier)
+    state["model"] = model.state_dict()
+    save_checkpoint(tmp_path / "embeddings.safetensors", state, meta)
+    result = export_run(tmp_path / "embeddings.safetensors", "onnx", out_dir=tmp_path / "onnx")
+    session = onnxruntime.InferenceSession(str(result.model_file), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]  # the embeddings stay out of the graph
+    images = _real_images(root, recipe, 5)
+    with torch.no_grad():
+        want = model(images).logits
+    got = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+    assert (got - want).abs().max() <= TOLERANCE * max(1.0, float(want.abs().max()))
