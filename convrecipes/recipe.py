@@ -19,156 +19,211 @@ import yaml
 from convrecipes.errors import RecipeError
 
 
+def _key(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe key: its default (or ``factory`` for a list or mapping) and its one-line
+    help, which ``convrecipes show`` prints (``schema_keys``); every key has one."""
+    return field(default=default, default_factory=factory, metadata={"help": doc})
+
+
 @dataclass
 class LabelNoiseConfig:
     """Injected label noise, for experiments (``convrecipes.data.label_noise``): applied to
     the training split (validation included, unless ``clean_val``), seeded, recorded in the
     run directory as ``label_noise.json``. The test split stays clean."""
 
-    kind: str = "symmetric"  # symmetric, pair or permutation
-    rate: float = 0.2  # flip probability, in [0, 1)
-    seed: Optional[int] = None  # None: the recipe's seed
-    pairs: Any = None  # pair noise: {shirt: t_shirt} or ["shirt<->t_shirt"]; None: class i -> i + 1
-    permutation: Optional[list[int]] = None  # permutation noise's derangement; None: drawn from the seed
-    clean_val: bool = False  # keep the validation split's labels clean
+    kind: str = _key("symmetric", doc="symmetric, pair or permutation")
+    rate: float = _key(0.2, doc="flip probability, in [0, 1)")
+    seed: Optional[int] = _key(None, doc="seed of the flips; null: the recipe's seed")
+    pairs: Any = _key(None, doc="pair noise: {shirt: t_shirt} or [\"shirt<->t_shirt\"]; null: class i -> i + 1")
+    permutation: Optional[list[int]] = _key(None, doc="permutation noise's derangement; null: drawn from the seed")
+    clean_val: bool = _key(False, doc="keep the validation split's labels clean")
 
 
 @dataclass
 class DataConfig:
     """Which images, how they are split and batched."""
 
-    name: str = "digits"  # a registered dataset: digits, fashion_mnist, cifar10, cifar100, image_folder
-    data_dir: Optional[str] = None  # where the files are (image_folder: the class-per-folder root)
-    download: bool = False  # let torchvision download when the files are absent (needs internet)
-    image_size: Optional[int] = None  # resize once at load time (None: native size)
-    channels: Optional[int] = None  # convert to 1 or 3 channels (None: native)
-    val_fraction: float = 0.1  # stratified validation split carved from the training set
-    subset_fraction: Optional[float] = None  # train on a stratified fraction of the training set
-    subset_per_class: Optional[int] = None  # ... or on this many images per class
-    batch_size: int = 128  # GLOBAL batch size (split across processes)
-    eval_batch_size: int = 512
-    pk: Optional[list[int]] = None  # [P, K]: batches of P classes x K images (metric losses)
-    # semi-supervised data (trainers uda, mpl): keep this many labels per class (stratified,
-    # seeded; after the validation split) and use the rest of the training split unlabeled
-    labels_per_class: Optional[int] = None
-    unlabeled_folder: Optional[str] = None  # image_folder: a subfolder of data_dir holding unlabeled images
-    unlabeled_batch_size: Optional[int] = None  # GLOBAL unlabeled batch per step (None: 4 x batch_size)
-    label_noise: Optional[LabelNoiseConfig] = None  # inject label noise into the training split (experiments)
+    name: str = _key("digits", doc="a registered dataset: digits, fashion_mnist, cifar10, cifar100, image_folder, "
+                                   "font_glyphs")
+    data_dir: Optional[str] = _key(None, doc="where the files are (image_folder: the folder with one subfolder per "
+                                             "class, or train/ and test/ folders of them)")
+    download: bool = _key(False, doc="let torchvision download when the files are absent (needs internet)")
+    image_size: Optional[int] = _key(None, doc="resize to this square once at load time (null: native size; "
+                                               "image_folder: 64)")
+    channels: Optional[int] = _key(None, doc="convert to 1 (grayscale) or 3 (RGB) channels (null: native; "
+                                             "image_folder: 3)")
+    val_fraction: float = _key(0.1, doc="stratified validation split carved from the training set")
+    subset_fraction: Optional[float] = _key(None, doc="train on a stratified fraction of the training set")
+    subset_per_class: Optional[int] = _key(None, doc="... or on this many images per class")
+    batch_size: int = _key(128, doc="GLOBAL training batch size (split across processes)")
+    eval_batch_size: int = _key(512, doc="GLOBAL batch size of validation and test")
+    pk: Optional[list[int]] = _key(None, doc="[P, K]: batches of P classes x K images (metric losses)")
+    labels_per_class: Optional[int] = _key(None, doc="semi-supervised (trainers uda, mpl): keep this many labels per "
+                                                     "class (stratified, seeded) and use the rest unlabeled")
+    unlabeled_folder: Optional[str] = _key(None, doc="image_folder: a subfolder of data_dir holding unlabeled images")
+    unlabeled_batch_size: Optional[int] = _key(None, doc="GLOBAL unlabeled batch per step (null: 4 x batch_size)")
+    label_noise: Optional[LabelNoiseConfig] = _key(None, doc="inject label noise into the training split "
+                                                             "(experiments); setting any of its keys turns it on")
 
 
 @dataclass
 class ModelConfig:
     """Any timm model name (ours included) and its construction arguments."""
 
-    name: str = "tiny_cnn"
-    pretrained: bool = False
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    embedding_dim: Optional[int] = None  # add a linear embedding layer of this width (e.g. 2 for plots)
-    with_embeddings: bool = False  # return ModelOutput(logits, embeddings) even if the loss does not need them
-    channels_last: bool = True
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model constructor
-    # fine-tuning (convrecipes.finetune). Start from these weights instead of a fresh init: a
-    # run directory or .safetensors written by `convrecipes train` (its best checkpoint; the
-    # classifier is re-initialised when the classes differ), or a local .safetensors of timm
-    # pretrained weights (the offline alternative to model.pretrained=true). A resume reads
-    # the checkpoint instead. E.g. model.init_from=runs/quickstart-20240101-120000
-    init_from: Optional[str] = None
-    # freeze the first N stages of the backbone (timm's stage groups, e.g. resnet: stem,
-    # layer1..layer4; for ours the backbone's blocks in order; never the classifier). Frozen
-    # parameters get no gradient and their norm layers stay in eval mode. E.g. model.freeze_stages=2
-    freeze_stages: Optional[int] = None
-    # ... and/or freeze the parameters whose names match these patterns (fnmatch, e.g.
-    # "features.0.*"; "re:" for a regular expression), e.g. model.freeze=["stem.*","blocks.0.*"]
-    freeze: Union[list[str], str] = field(default_factory=list)
-    # the first epoch (counted from 1, as logged) in which the frozen layers train too;
-    # null: frozen for the whole run. E.g. model.unfreeze_epoch=3 (epochs 1-2 frozen)
-    unfreeze_epoch: Optional[int] = None
+    name: str = _key("tiny_cnn", doc="any timm model name (ours included: tiny_cnn, small_resnet8/14/20/32, "
+                                     "small_mlp)")
+    pretrained: bool = _key(False, doc="start from timm's pretrained weights (downloads them; offline: "
+                                       "model.init_from=<local .safetensors>)")
+    drop_rate: float = _key(0.0, doc="dropout before the classifier")
+    drop_path_rate: float = _key(0.0, doc="stochastic depth over the residual blocks (models that have them)")
+    embedding_dim: Optional[int] = _key(None, doc="add a linear embedding layer of this width (e.g. 2 for plots)")
+    with_embeddings: bool = _key(False, doc="return ModelOutput(logits, embeddings) even if the loss does not "
+                                            "need them")
+    channels_last: bool = _key(True, doc="channels-last memory format (faster convolutions on GPUs)")
+    kwargs: dict[str, Any] = _key(factory=dict, doc="passed to the model constructor (e.g. {width: 32} for ours); "
+                                                    "another model.name may need model.kwargs={}")
+    # fine-tuning: convrecipes.finetune
+    init_from: Optional[str] = _key(None, doc="start from these weights: a run directory or .safetensors of "
+                                              "`convrecipes train` (a new classifier when the classes differ), or "
+                                              "local timm pretrained weights")
+    freeze_stages: Optional[int] = _key(None, doc="freeze the first N stages of the backbone (timm's stage groups; "
+                                                  "never the classifier), their norm layers in eval mode")
+    freeze: Union[list[str], str] = _key(factory=list, doc="... and/or freeze the parameters whose names match these "
+                                                           "patterns (fnmatch; \"re:\" for a regex), e.g. "
+                                                           "[\"stem.*\"]")
+    unfreeze_epoch: Optional[int] = _key(None, doc="the first epoch (from 1) in which the frozen layers train too; "
+                                                   "null: frozen for the whole run")
 
 
 @dataclass
 class OptimizerConfig:
     """Optimizer (built with timm's optimizer factory)."""
 
-    name: str = "sgd"  # sgd, adamw, adam, adamax
-    lr: Union[float, str] = 0.1  # or "auto": `convrecipes train` takes the LR range test's suggestion
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    decay_norm_and_bias: bool = False  # by default norm and bias parameters get no weight decay
-    scale_lr_with_batch: bool = False  # linear scaling: lr * batch_size / reference_batch_size
-    reference_batch_size: int = 256
-    # fine-tuning: the backbone (everything but the classifier) trains at lr * this, the
-    # classifier at lr (null: one LR for all), e.g. optimizer.backbone_lr_mult=0.1
-    backbone_lr_mult: Optional[float] = None
+    name: str = _key("sgd", doc="sgd, adamw, adam, adamax")
+    lr: Union[float, str] = _key(0.1, doc="learning rate, or auto: `convrecipes train` runs the LR range test "
+                                          "first and takes its suggestion")
+    momentum: float = _key(0.9, doc="SGD momentum")
+    nesterov: bool = _key(True, doc="SGD: Nesterov momentum")
+    weight_decay: float = _key(5e-4, doc="L2 weight decay (decoupled for adamw)")
+    betas: list[float] = _key(factory=lambda: [0.9, 0.999], doc="Adam-family betas")
+    eps: float = _key(1e-8, doc="Adam-family epsilon")
+    decay_norm_and_bias: bool = _key(False, doc="also decay norm and bias parameters (by default they get none)")
+    scale_lr_with_batch: bool = _key(False, doc="linear scaling: lr * batch_size / reference_batch_size")
+    reference_batch_size: int = _key(256, doc="the batch size lr is given for, when scale_lr_with_batch")
+    backbone_lr_mult: Optional[float] = _key(None, doc="fine-tuning: the backbone trains at lr * this, the "
+                                                       "classifier at lr (null: one LR for all)")
 
 
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule, stepped per optimizer step."""
 
-    name: str = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start_factor: float = 0.0
-    params: dict[str, Any] = field(default_factory=dict)  # the schedule's own arguments
+    name: str = _key("cosine", doc="a registered schedule: constant, cosine, cyclic, linear, multistep, "
+                                     "one_cycle, reduce_on_plateau, step")
+    warmup_epochs: float = _key(0.0, doc="linear warmup before the schedule, in epochs (fractions allowed)")
+    warmup_start_factor: float = _key(0.0, doc="the warmup's first LR as a fraction of the schedule's first LR")
+    params: dict[str, Any] = _key(factory=dict, doc="the schedule's own arguments (listed below by name)")
 
 
 @dataclass
 class AugmentConfig:
     """Batch augmentation on the device."""
 
-    preset: str = "light"  # none, light, standard, strong
-    hflip: bool = True  # False where a mirror image is another class (digits, text)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    random_erasing: Optional[float] = None  # probability; None: the preset's default
-    mean: Optional[list[float]] = None  # per-channel normalisation; None: computed from the training set
-    std: Optional[list[float]] = None
+    preset: str = _key("light", doc="none, light (pad-crop, flip), standard (resized crop, flip, color jitter), "
+                                    "strong (standard + RandAugment-like)")
+    hflip: bool = _key(True, doc="random horizontal flips; false where a mirror image is another class (digits, "
+                                 "text)")
+    mixup_alpha: float = _key(0.0, doc="mixup's Beta(alpha, alpha) (0: off)")
+    cutmix_alpha: float = _key(0.0, doc="cutmix's Beta(alpha, alpha) (0: off)")
+    mix_prob: float = _key(1.0, doc="probability that a batch is mixed (when mixup/cutmix is on)")
+    random_erasing: Optional[float] = _key(None, doc="random erasing probability; null: the preset's default")
+    mean: Optional[list[float]] = _key(None, doc="per-channel normalisation mean; null: computed from the training "
+                                                 "set")
+    std: Optional[list[float]] = _key(None, doc="per-channel normalisation std; null: computed from the training set")
 
 
 @dataclass
 class TrainerConfig:
     """The training algorithm and the loop's settings."""
 
-    name: str = "supervised"
-    epochs: int = 10
-    grad_accum_steps: int = 1
-    grad_clip: Optional[float] = None
-    mixed_precision: Optional[str] = None  # no, fp16, bf16; None: `accelerate launch` decides
-    ema_decay: Optional[float] = None
-    checkpoint_every_steps: Optional[int] = None  # also write last.safetensors every N optimizer steps
-    monitor: str = "val_top1"  # metric selecting best.safetensors
-    monitor_mode: str = "max"
-    early_stopping_patience: Optional[int] = None
-    deterministic: bool = False  # torch.use_deterministic_algorithms
-    progress: bool = True
-    find_unused_parameters: bool = False  # DDP: for steps that leave some parameters without gradient
-    log_with: Union[str, list[str], None] = None  # Accelerate trackers: tensorboard, wandb, mlflow, ... (in the run dir)
-    log_every_steps: int = 10  # per-step tracker logging (loss, LR) every N steps
-    eval_every_epochs: int = 1  # validate every N epochs and after the last (training is unchanged by it)
-    collective_timeout_s: int = 600  # several processes: how long one waits for a stalled other (torch: 1800)
-    params: dict[str, Any] = field(default_factory=dict)  # the trainer's own arguments
+    name: str = _key("supervised", doc="the training algorithm: supervised, distillation, uda, mpl, bootstrapping, "
+                                       "freeze_drop_path")
+    epochs: int = _key(10, doc="training epochs (a resume continues up to this many)")
+    grad_accum_steps: int = _key(1, doc="accumulate gradients over N batches per optimizer step")
+    grad_clip: Optional[float] = _key(None, doc="clip the gradients' global norm to this (null: no clipping)")
+    mixed_precision: Optional[str] = _key(None, doc="no, fp16, bf16; null: `accelerate launch` decides")
+    ema_decay: Optional[float] = _key(None, doc="keep an EMA of the weights with this decay, also tested (null: none)")
+    checkpoint_every_steps: Optional[int] = _key(None, doc="also write last.safetensors every N optimizer steps")
+    monitor: str = _key("val_top1", doc="the metric selecting best.safetensors (and early stopping)")
+    monitor_mode: str = _key("max", doc="max or min: whether a larger monitor value is better")
+    early_stopping_patience: Optional[int] = _key(None, doc="stop after N validations without improvement (null: "
+                                                            "never)")
+    deterministic: bool = _key(False, doc="torch.use_deterministic_algorithms (slower, reproducible on GPUs)")
+    progress: bool = _key(True, doc="show progress: a bar on a terminal, a plain line every log_every_steps "
+                                    "otherwise (logs)")
+    find_unused_parameters: bool = _key(False, doc="DDP: for steps that leave some parameters without gradient")
+    log_with: Union[str, list[str], None] = _key(None, doc="Accelerate trackers: tensorboard, wandb, mlflow, ... "
+                                                           "(files in the run dir)")
+    log_every_steps: int = _key(10, doc="every N steps: log loss and LR to the trackers, and print a progress line "
+                                        "when the output is not a terminal")
+    eval_every_epochs: int = _key(1, doc="validate every N epochs and after the last (training is unchanged by it)")
+    collective_timeout_s: int = _key(600, doc="several processes: how long one waits for a stalled other, in "
+                                              "seconds (torch: 1800)")
+    params: dict[str, Any] = _key(factory=dict, doc="the trainer's own arguments (listed below by name)")
 
 
 @dataclass
 class Recipe:
     """A complete experiment."""
 
-    name: str = "recipe"
-    description: str = ""
-    seed: int = 0
-    output_dir: str = "runs"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    # one loss {name, weight, params} or a list of them (a weighted sum)
-    loss: Any = field(default_factory=lambda: {"name": "cross_entropy"})
+    name: str = _key("recipe", doc="the recipe's name (default: its file's); runs are called "
+                                   "<output_dir>/<name>-<timestamp> (image_folder: after the data folder)")
+    description: str = _key("", doc="one line saying what the recipe trains (`convrecipes recipes` lists it)")
+    seed: int = _key(0, doc="seed of the weights, the data order, the splits and the augmentation")
+    output_dir: str = _key("runs", doc="where run directories are created")
+    data: DataConfig = _key(factory=DataConfig, doc="which images, how they are split and batched")
+    model: ModelConfig = _key(factory=ModelConfig, doc="the network")
+    optimizer: OptimizerConfig = _key(factory=OptimizerConfig, doc="the optimizer (timm's optimizer factory)")
+    schedule: ScheduleConfig = _key(factory=ScheduleConfig, doc="the learning-rate schedule, stepped per optimizer "
+                                                                "step")
+    augment: AugmentConfig = _key(factory=AugmentConfig, doc="batch augmentation on the device, and normalisation")
+    trainer: TrainerConfig = _key(factory=TrainerConfig, doc="the training algorithm and the loop's settings")
+    loss: Any = _key(factory=lambda: {"name": "cross_entropy"}, doc="one loss {name, weight, params} or a list of "
+                                                                    "them (a weighted sum)")
+
+
+#: the keys of one loss term (``loss``, or ``loss.<i>`` in a list) and their help
+LOSS_TERM_HELP = {
+    "name": "a registered loss, e.g. cross_entropy, label_smoothing_ce, hinge, center, triplet (docs/losses.md)",
+    "weight": "the term's weight in the sum (default 1.0)",
+    "params": "the loss's own arguments (listed below by name)",
+}
+
+
+def schema_keys(cls: Any = None, prefix: str = "") -> dict[str, str]:
+    """Every recipe key, dotted (``data.image_size``), with its one-line help, in schema order.
+
+    Sections (``data``) are keys too, and so are the keys inside an optional section
+    (``data.label_noise.rate``).
+    """
+    cls = Recipe if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    keys: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys[full] = f.metadata.get("help", "")
+        section = _section_type(hints[f.name])
+        if section is not None:
+            keys.update(schema_keys(section, f"{full}."))
+    return keys
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass a field holds (``X`` or ``Optional[X]``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    options = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else []
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
 
 
 _CHOICES = {

@@ -76,9 +76,21 @@ def shared_path(default: PathLike, accelerator: Any) -> Path:
     return Path(_from_main_process(str(default), accelerator))
 
 
+def run_name(recipe: Recipe) -> str:
+    """The default name of a recipe's runs: the recipe's name; for a user's own images
+    (``image_folder`` with a ``data.data_dir``) the data folder's name first, so runs on
+    different folders are told apart: ``flowers`` for the template recipe ``image_folder``,
+    ``flowers-<recipe name>`` for any other recipe."""
+    d = recipe.data
+    if d.name != "image_folder" or not d.data_dir:
+        return recipe.name
+    folder = Path(d.data_dir).expanduser().resolve().name or "image_folder"
+    return folder if recipe.name == d.name else f"{folder}-{recipe.name}"
+
+
 def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] = None, prefix: str = "") -> Path:
-    """``explicit``, or ``<output_dir>/<prefix><name>-<timestamp>``, the same on every process."""
-    default = explicit or Path(recipe.output_dir) / f"{prefix}{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``explicit``, or ``<output_dir>/<prefix><run_name>-<timestamp>``, the same on every process."""
+    default = explicit or Path(recipe.output_dir) / f"{prefix}{run_name(recipe)}-{time.strftime('%Y%m%d-%H%M%S')}"
     return shared_path(default, accelerator)
 
 
