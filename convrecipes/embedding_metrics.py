@@ -3,7 +3,8 @@
 For comparing metric and margin losses (center, triplet, A-Softmax) beyond accuracy. All
 functions take ``embeddings (N, D)`` and integer ``labels (N,)`` as tensors or arrays and
 work on the CPU or wherever the tensors are; pairwise distances are computed in row chunks
-so ``N = 10000`` needs ``chunk_size * N`` floats, not ``N^2``.
+so ``N = 10000`` needs ``chunk_size * N`` floats, not ``N^2``, on the centred embeddings (the
+same distances, without float32's loss of precision when all embeddings share a large offset).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def recall_at_1(embeddings: ArrayLike, labels: ArrayLike, chunk_size: int = 1024
     has_match = counts[index] > 1
     if not bool(has_match.any()):
         raise ValueError("recall_at_1 needs at least one class with two or more samples")
+    # Centre first: distances (and so the ranking) do not change, but with a large shared
+    # offset the |x|^2 and q.x terms below would be ~|offset|^2 and float32 would lose the
+    # small differences that decide the nearest neighbour.
+    x = x - x.mean(dim=0, keepdim=True)
     sq_norms = (x * x).sum(dim=1)
     hits = 0
     for start in range(0, n, max(1, int(chunk_size))):

@@ -284,8 +284,10 @@ def test_triplet_euclidean_gradient_finite_at_zero_distance():
 
 
 def test_triplet_needs_embeddings_and_indices():
+    # A plain tensor is the embeddings (tests/test_losses_research_api.py); a ModelOutput
+    # without embeddings is refused.
     with pytest.raises(ValueError, match="ModelOutput"):
-        TripletLoss()(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]))
+        TripletLoss()(ModelOutput(torch.randn(4, 3), None), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match="soft targets"):
         TripletLoss()(ModelOutput(torch.randn(4, 3), torch.randn(4, 2)), torch.full((4, 3), 1 / 3))
     with pytest.raises(ValueError, match="mining"):
@@ -373,7 +375,7 @@ def test_center_refuses_soft_targets_and_missing_embeddings():
     with pytest.raises(ValueError, match="soft targets"):
         CenterLoss(3, 2)(ModelOutput(torch.zeros(2, 3), torch.zeros(2, 2)), torch.full((2, 3), 1 / 3))
     with pytest.raises(ValueError, match="embeddings"):
-        CenterLoss(3, 2)(torch.zeros(2, 3), torch.tensor([0, 1]))
+        CenterLoss(3, 2)(ModelOutput(torch.zeros(2, 3), None), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="embedding_dim"):
         CenterLoss(3, 2)(ModelOutput(torch.zeros(2, 3), torch.zeros(2, 5)), torch.tensor([0, 1]))
 
@@ -610,7 +612,7 @@ def test_build_loss_single_and_composite():
 def test_build_loss_errors():
     with pytest.raises(RecipeError, match=r"'alpa' \(did you mean 'alpha'\?\) \(loss.params\); valid params: alpha"):
         build_loss({"name": "center", "params": {"alpa": 0.5}}, num_classes=3, embedding_dim=2)
-    with pytest.raises(RecipeError, match=r"'hinge' has no parameter 'num_classes'.*valid params: margin, squared"):
+    with pytest.raises(RecipeError, match=r"'hinge' has no parameter 'num_classes'.*valid params: ignore_index, margin, squared"):
         build_loss({"name": "hinge", "params": {"num_classes": 3}}, num_classes=3)
     with pytest.raises(UnknownNameError, match="angular_softmax, center, cross_entropy"):
         build_loss({"name": "focal"}, num_classes=3)

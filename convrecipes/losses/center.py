@@ -8,8 +8,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from convrecipes.losses.base import LossOutput, single_part
 from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices, embeddings_of
 from convrecipes.models.output import ModelOutput
+
+
+def center_loss(embeddings: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s center term ``1/B sum_i 1/2 ||x_i - c_{y_i}||^2`` for given centers.
+
+    The functional form, without the center update (``CenterLoss`` does that). The gradient
+    reaches ``embeddings`` (and ``centers`` if they require grad).
+
+    Args:
+        embeddings: ``(B, D)``.
+        labels: class indices ``(B,)`` in ``[0, C)``.
+        centers: ``(C, D)``.
+    """
+    labels = class_indices(labels, embeddings.shape[0], "center_loss")
+    if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"center_loss: centers of shape {tuple(centers.shape)} do not fit embeddings of shape "
+            f"{tuple(embeddings.shape)}; give (num_classes, {embeddings.shape[1]}) centers"
+        )
+    diff = at_least_fp32(embeddings) - centers[labels]
+    return 0.5 * (diff * diff).sum(dim=1).mean()
 
 
 @LOSSES.register("center")
@@ -35,7 +57,12 @@ class CenterLoss(nn.Module):
 
     Classes absent from the step's batches do not move. Centers start at zero (deterministic,
     identical on every rank) and are saved in ``state_dict()``; the pending sums are transient
-    (always zero at a step boundary) and are not.
+    (always zero at a step boundary) and are not. ``set_centers(tensor)`` places them
+    anywhere else (e.g. at the class means of a pretrained model's embeddings).
+
+    ``output`` is the embeddings tensor ``(B, D)`` itself or a ``ModelOutput`` whose
+    ``embeddings`` it uses. Returns a ``LossOutput`` (a 0-dim tensor) whose one part is
+    named ``center``.
 
     Args:
         num_classes: number of classes (filled in by ``build_loss``).
@@ -59,7 +86,31 @@ class CenterLoss(nn.Module):
         self.register_buffer("pending_sum", torch.zeros(num_classes, embedding_dim), persistent=False)
         self.register_buffer("pending_count", torch.zeros(num_classes), persistent=False)
 
-    def forward(self, output: Union[torch.Tensor, ModelOutput], target: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def set_centers(self, centers: torch.Tensor) -> None:
+        """Place the centers at ``centers``, a ``(num_classes, embedding_dim)`` tensor.
+
+        The values are copied (into the buffer's dtype and device); an update accumulated
+        since the last ``post_step()`` is discarded, since it was measured from the old
+        centers. Under ``torch.distributed`` call it with the same tensor on every rank.
+
+        Raises:
+            ValueError: a wrong shape or non-finite values.
+        """
+        centers = torch.as_tensor(centers)
+        expected = (self.num_classes, self.embedding_dim)
+        if tuple(centers.shape) != expected:
+            raise ValueError(
+                f"CenterLoss.set_centers needs a tensor of shape (num_classes, embedding_dim) = {expected}, "
+                f"got {tuple(centers.shape)}"
+            )
+        if not bool(torch.isfinite(centers).all()):
+            raise ValueError("CenterLoss.set_centers: the centers contain NaN or inf; give finite positions")
+        self.centers.copy_(centers.detach())
+        self.pending_sum.zero_()
+        self.pending_count.zero_()
+
+    def forward(self, output: Union[torch.Tensor, ModelOutput], target: torch.Tensor) -> LossOutput:
         x = embeddings_of(output, "CenterLoss")
         labels = class_indices(target, x.shape[0], "CenterLoss")
         if x.shape[1] != self.embedding_dim:
@@ -79,7 +130,7 @@ class CenterLoss(nn.Module):
             with torch.no_grad():
                 self.pending_sum.index_add_(0, labels, -diff.detach().to(self.pending_sum.dtype))  # sum of (c_j - x_i)
                 self.pending_count.index_add_(0, labels, torch.ones_like(labels, dtype=self.pending_count.dtype))
-        return loss
+        return single_part(loss, "center")
 
     @torch.no_grad()
     def post_step(self) -> None:

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convrecipes.losses.registry import LOSSES, at_least_fp32, class_indices
+from convrecipes.losses.base import LossOutput, single_part
+from convrecipes.losses.registry import (
+    LOSSES,
+    at_least_fp32,
+    check_ignore_index,
+    kept_class_indices,
+    mean_over_kept,
+)
 from convrecipes.models.output import ModelOutput, logits_of
 
 
@@ -17,6 +24,7 @@ def label_smoothing_cross_entropy(
     target: torch.Tensor,
     eps: float = 0.1,
     class_weights: torch.Tensor | None = None,
+    ignore_index: int | None = -100,
 ) -> torch.Tensor:
     """Cross-entropy against the smoothed target ``q' = (1 - eps) * q + eps / K``.
 
@@ -29,13 +37,21 @@ def label_smoothing_cross_entropy(
     as torch does). For soft targets torch divides by the batch size instead; we keep the
     weight normaliser so that a one-hot soft target gives exactly the loss of its index.
 
+    Samples whose class index is ``ignore_index`` cost nothing and leave the normaliser
+    (torch's ``ignore_index``); with every sample ignored the loss is a zero on the graph
+    where torch gives NaN. Soft targets have no index and are never ignored.
+
     Args:
         logits: ``(B, K)``.
         target: int class indices ``(B,)`` or float probabilities ``(B, K)``.
         eps: smoothing mass in [0, 1).
         class_weights: optional ``(K,)`` per-class weights.
+        ignore_index: a target index whose samples are left out (torch's default -100), or
+            None to ignore nothing.
     """
     batch, num_classes = logits.shape
+    ignore_index = check_ignore_index(ignore_index)
+    keep = None
     logits = at_least_fp32(logits)  # softmax in fp32 also under bf16/fp16 autocast
     if target.is_floating_point():
         if target.shape != logits.shape:
@@ -44,7 +60,10 @@ def label_smoothing_cross_entropy(
             )
         q = target.to(logits.dtype)
     else:
-        q = F.one_hot(class_indices(target, batch, "cross-entropy"), num_classes).to(logits.dtype)
+        indices, keep = kept_class_indices(target, batch, "cross-entropy", ignore_index)
+        q = F.one_hot(indices, num_classes).to(logits.dtype)
+        if keep is not None:
+            q = q * keep[:, None].to(q.dtype)  # an ignored sample has no target mass at all
     if class_weights is not None and class_weights.shape != (num_classes,):
         raise ValueError(
             f"class_weights has {class_weights.numel()} entries for {num_classes} classes; give one weight per class"
@@ -52,27 +71,37 @@ def label_smoothing_cross_entropy(
     smoothed = (1.0 - eps) * q + eps / num_classes if eps else q
     log_p = F.log_softmax(logits, dim=1)
     if class_weights is None:
-        return -(smoothed * log_p).sum(dim=1).mean()
+        return mean_over_kept(-(smoothed * log_p).sum(dim=1), keep)
     w = class_weights.to(log_p)
     per_sample = -(w * smoothed * log_p).sum(dim=1)
-    return per_sample.sum() / (q * w).sum()
+    if keep is not None:
+        per_sample = torch.where(keep, per_sample, torch.zeros_like(per_sample))
+    # q is zero on ignored rows, so they leave the normaliser too; clamp: all ignored -> 0
+    return per_sample.sum() / (q * w).sum().clamp(min=torch.finfo(log_p.dtype).tiny)
 
 
 @LOSSES.register("cross_entropy")
 class CrossEntropyLoss(nn.Module):
     """Softmax cross-entropy for class indices or soft targets (mixup/cutmix).
 
+    Returns a ``LossOutput`` (a 0-dim tensor) whose one part is named ``cross_entropy``
+    (``label_smoothing_ce`` for the smoothed loss).
+
     Args:
         class_weights: optional per-class weights (see ``label_smoothing_cross_entropy``).
+        ignore_index: samples with this target index contribute nothing and the mean is over
+            the others (torch's default -100); None ignores nothing.
     """
 
     needs_embeddings: bool = False
     lr: float | None = None
     eps: float = 0.0
+    part_name: str = "cross_entropy"
 
-    def __init__(self, class_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, class_weights: Sequence[float] | None = None, ignore_index: int | None = -100) -> None:
         super().__init__()
         self._init_weights(class_weights)
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def _init_weights(self, class_weights: Sequence[float] | None) -> None:
         weights = None
@@ -85,12 +114,15 @@ class CrossEntropyLoss(nn.Module):
         # Configuration, rebuilt from the recipe: not part of the checkpointed state.
         self.register_buffer("class_weights", weights, persistent=False)
 
-    def forward(self, output: Union[torch.Tensor, ModelOutput], target: torch.Tensor) -> torch.Tensor:
-        return label_smoothing_cross_entropy(logits_of(output), target, self.eps, self.class_weights)
+    def forward(self, output: Union[torch.Tensor, ModelOutput], target: torch.Tensor) -> LossOutput:
+        loss = label_smoothing_cross_entropy(
+            logits_of(output), target, self.eps, self.class_weights, self.ignore_index
+        )
+        return single_part(loss, self.part_name)
 
     def extra_repr(self) -> str:
         weighted = "" if self.class_weights is None else f", class_weights={self.class_weights.tolist()}"
-        return f"eps={self.eps}{weighted}"
+        return f"eps={self.eps}{weighted}, ignore_index={self.ignore_index}"
 
 
 @LOSSES.register("label_smoothing_ce")
@@ -104,10 +136,16 @@ class LabelSmoothingCrossEntropy(CrossEntropyLoss):
     Args:
         eps: smoothing mass, default 0.1.
         class_weights: optional per-class weights.
+        ignore_index: samples with this target index contribute nothing (torch's default -100);
+            None ignores nothing.
     """
 
-    def __init__(self, eps: float = 0.1, class_weights: Sequence[float] | None = None) -> None:
-        super().__init__(class_weights)
+    part_name = "label_smoothing_ce"
+
+    def __init__(
+        self, eps: float = 0.1, class_weights: Sequence[float] | None = None, ignore_index: int | None = -100
+    ) -> None:
+        super().__init__(class_weights, ignore_index)
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {eps}")
         self.eps = float(eps)

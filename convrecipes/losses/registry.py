@@ -55,20 +55,68 @@ def class_indices(target: torch.Tensor, batch_size: int, loss_name: str) -> torc
     return target.long()
 
 
+def check_ignore_index(ignore_index: Any) -> int | None:
+    """``ignore_index`` as an int (or None: ignore nothing), or a ``ValueError`` naming the fix."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(
+            f"ignore_index must be an integer class index (torch's default is -100) or None, got {ignore_index!r}"
+        )
+    return int(ignore_index)
+
+
+def kept_class_indices(
+    target: torch.Tensor, batch_size: int, loss_name: str, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class indices with the ignored samples' index replaced by 0, and the mask of kept samples.
+
+    The replacement only keeps ``gather``/``one_hot`` in range; the caller zeroes those
+    samples with the mask. The mask is None when ``ignore_index`` is None.
+    """
+    indices = class_indices(target, batch_size, loss_name)
+    if ignore_index is None:
+        return indices, None
+    keep = indices != ignore_index
+    return torch.where(keep, indices, torch.zeros_like(indices)), keep
+
+
+def mean_over_kept(per_sample: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``per_sample`` over the kept samples (all when ``keep`` is None).
+
+    With every sample ignored the result is a zero that keeps the graph (torch gives NaN),
+    so a batch without labels cannot poison the weights.
+    """
+    if keep is None:
+        return per_sample.mean()
+    kept = torch.where(keep, per_sample, torch.zeros_like(per_sample))
+    return kept.sum() / keep.sum().clamp(min=1).to(per_sample.dtype)
+
+
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in float32 when it is fp16/bf16 (autocast outputs), unchanged otherwise."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def embeddings_of(output: Union[torch.Tensor, ModelOutput], loss_name: str) -> torch.Tensor:
-    """The ``(B, D)`` embeddings of a model output, or a ``ValueError`` saying how to get them."""
-    embeddings = output.embeddings if isinstance(output, ModelOutput) else None
-    if embeddings is None:
-        got = "a plain logits tensor" if isinstance(output, torch.Tensor) else "ModelOutput(embeddings=None)"
+    """The ``(B, D)`` embeddings a metric loss works on, or a ``ValueError`` saying how to get them.
+
+    A plain tensor *is* the embeddings (research code calls ``loss(embeddings, labels)``);
+    a ``ModelOutput`` gives its ``embeddings`` field.
+    """
+    if isinstance(output, ModelOutput):
+        embeddings = output.embeddings
+        if embeddings is None:
+            raise ValueError(
+                f"{loss_name} needs embeddings but the model returned ModelOutput(embeddings=None). "
+                "Wrap the model as convrecipes.models.Classifier(backbone, head) so its forward "
+                "returns ModelOutput(logits, embeddings), or call the loss on the embeddings tensor."
+            )
+    elif isinstance(output, torch.Tensor):
+        embeddings = output
+    else:
         raise ValueError(
-            f"{loss_name} needs embeddings but the model returned {got}. Wrap the model as "
-            "convrecipes.models.Classifier(backbone, head) so its forward returns "
-            "ModelOutput(logits, embeddings)."
+            f"{loss_name} takes an embeddings tensor (B, D) or a ModelOutput, got {type(output).__name__}"
         )
     if embeddings.dim() != 2:
         raise ValueError(
