@@ -117,7 +117,7 @@ def test_predict_equals_the_checkpoint_model_on_hand_preprocessed_images(trained
     run_dir, root, _ = trained
     out = tmp_path / "preds.csv"
     assert main(["predict", str(run_dir), str(root / "cat"), str(root / "dog"), str(root / "fox" / "gray.png"),
-                 "--top-k", "3", "--out", str(out), "--weights", "last"]) == 0
+                 "--top-k", "3", "--out", str(out), "--weights", "last", "--workers", "2"]) == 0
     rows = {row["path"]: row for row in _read_csv(out)}
     model, recipe, meta = _model_from_checkpoint(run_dir)
     files = [p for p in _readable_files(root) if p.parent.name != "fox" or p.name == "gray.png"]
@@ -294,3 +294,27 @@ def test_export_of_a_model_returning_model_output_gives_its_logits(trained, tmp_
         want = model(images).logits
     got = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
     assert (got - want).abs().max() <= TOLERANCE * max(1.0, float(want.abs().max()))
+
+
+def test_an_older_checkpoint_without_image_shape_reads_it_off_the_test_data(trained, tmp_path):
+    from convrecipes.predict import load_trained_model
+
+    run_dir, root, _ = trained
+    state, meta = load_checkpoint(run_dir / "last.safetensors")
+    del meta["image_shape"]
+    save_checkpoint(tmp_path / "old.safetensors", state, meta)
+    pre = load_trained_model(tmp_path / "old.safetensors").preprocessing
+    assert (pre.channels, pre.height, pre.width) == (3, SIZE, SIZE)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notices
+def test_export_checks_on_random_images_when_the_test_data_is_gone(trained, tmp_path, capsys):
+    run_dir, _, _ = trained
+    state, meta = load_checkpoint(run_dir / "last.safetensors")
+    meta["recipe"]["data"]["data_dir"] = str(tmp_path / "moved_away")
+    save_checkpoint(tmp_path / "moved.safetensors", state, meta)
+    assert main(["export", str(tmp_path / "moved.safetensors"), "--format", "torchscript"]) == 0
+    assert "random images" in capsys.readouterr().out
+    pre = json.loads((tmp_path / "export_torchscript" / "preprocess.json").read_text(encoding="utf-8"))
+    assert "random images" in pre["check"]["source"] and str(tmp_path / "moved_away") in pre["check"]["source"]
+    assert pre["check"]["max_abs_diff"] <= pre["check"]["bound"]
