@@ -244,13 +244,14 @@ def _check_classes(dataset: ImageTensorDataset, files: list[tuple[str, int]], sp
 def _decode_all(
     root: Path, files: list[tuple[str, int]], classes: list[str], image_size: int, channels: int
 ) -> tuple[ImageTensorDataset, list[str]]:
-    from tqdm import tqdm
+    from convrecipes.progress import progress_bar
 
     images = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
     labels: list[int] = []
     readable: list[str] = []
     unreadable: list[str] = []
-    progress = tqdm(files, desc=f"decoding {root}", unit="img", disable=len(files) <= PROGRESS_BAR_MIN_FILES)
+    progress = progress_bar(files, desc=f"decoding {root}", unit="img", every=PROGRESS_BAR_MIN_FILES,
+                            disable=len(files) <= PROGRESS_BAR_MIN_FILES)
     for rel, label in progress:
         path = root / rel
         try:

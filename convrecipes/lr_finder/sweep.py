@@ -144,7 +144,8 @@ def find_lr(
         DataError: the loader yields no batches.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+
+    from convrecipes.progress import progress_bar, shows_next
 
     check_sweep_args(start_lr, end_lr, num_iters, mode)
     if not 0.0 <= smooth_beta < 1.0:
@@ -193,8 +194,8 @@ def find_lr(
             model.train()
         trainer.loss_fn.train()
         batches = _endless_batches(loader, start_epoch, start_batch)
-        bar = tqdm(total=num_iters, desc=f"lr-find ({part})" if len(trainer.optimizers) > 1 else "lr-find",
-                   leave=False, dynamic_ncols=True, disable=not (show and accelerator.is_main_process))
+        bar = progress_bar(total=num_iters, desc=f"lr-find ({part})" if len(trainer.optimizers) > 1 else "lr-find",
+                           unit="step", disable=not (show and accelerator.is_main_process))
         avg, best = 0.0, math.inf
         for i, lr in enumerate(plan):
             _set_lr(optimizer, lr, ratios)
@@ -225,9 +226,9 @@ def find_lr(
             if i > 0 and best > 0 and smooth > diverge_threshold * best:
                 stop_reason = "diverged"
                 break
-            bar.update(1)
-            if i % 10 == 0:
+            if shows_next(bar):
                 bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smooth:.4f}", refresh=False)
+            bar.update(1)
     finally:
         if bar is not None:
             bar.close()

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from convrecipes.checkpoint import encode_checkpoint, model_weights_of, load_checkpoint, load_model_weights, write_atomic
 from convrecipes.data.loader import InMemoryLoader, is_epoch_loader
 from convrecipes.errors import CheckpointError, NonFiniteLossError, RecipeError
+from convrecipes.progress import progress_bar, shows_next
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
 from convrecipes.trainers.callbacks import Callback
@@ -703,8 +704,9 @@ class Trainer:
         if start == 0:
             self._epoch_sums, self._epoch_samples = {}, 0
         accum = self.grad_accum_steps
-        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {self.epoch + 1}/{epochs}", leave=False,
-                   disable=not (self.progress and self.is_main_process), dynamic_ncols=True)
+        # a bar on a terminal; in a log, a plain line every log_every_steps optimizer steps
+        bar = progress_bar(total=n_batches, initial=start, desc=f"epoch {self.epoch + 1}/{epochs}", unit="batch",
+                           every=self.log_every_steps * accum, disable=not (self.progress and self.is_main_process))
         t0, samples_this_call = time.perf_counter(), 0
         pending: list[Any] = []
         for b, raw in enumerate(loader, start=start):
@@ -734,7 +736,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, self.global_step, logs)
             self._log_step(logs)
-            if bar.n % 10 == 0 or b + 1 == n_batches:
+            if shows_next(bar) or b + 1 == n_batches:
                 bar.set_postfix(loss=f"{float(self._epoch_sums['train_loss']) / max(self._epoch_samples, 1):.4f}",
                                 lr=f"{self.current_lr():.3g}", refresh=False)
             bar.update(1)
