@@ -38,6 +38,7 @@ DEFAULT = ["loss_ce", "loss_label_smoothing", "loss_hinge", "loss_center", "loss
 
 def run_one(recipe: str, overrides: list[str], work: Path, plot_dir: Path | None, seed: int | None = None) -> dict:
     """Train ``recipe`` into ``work`` and evaluate its last weights: one row of the table."""
+    from convrecipes.recipe import load_recipe
     from convrecipes.run import evaluate_run
 
     run_dir = work / (recipe if seed is None else f"{recipe}_seed{seed}")
@@ -47,7 +48,9 @@ def run_one(recipe: str, overrides: list[str], work: Path, plot_dir: Path | None
         t0 = time.perf_counter()
         history = train_run(recipe, overrides, run_dir).history
         wall = time.perf_counter() - t0
-        plot = plot_dir / f"{recipe}_features.png" if plot_dir is not None else None
+        # evaluate refuses --plot for a model without 2-D embeddings; the other recipes get no plot
+        two_d = plot_dir is not None and load_recipe(recipe, overrides).model.embedding_dim == 2
+        plot = plot_dir / f"{recipe}_features.png" if two_d else None
         metrics = evaluate_run(run_dir, "last", plot=plot)
     diverged = any(not (h["train_loss"] == h["train_loss"]) or h["train_loss"] > 1e3 for h in history)
     shown = {k: v for k, v in metrics.items() if k not in ("checkpoint", "epoch", "dataset", "weights",

@@ -146,9 +146,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           report_dir=args.out or default_report_dir(args.run, args.weights))
     if not process_state().is_main_process:
         return 0
-    if args.plot:
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
+        if args.plot:
+            print(f"wrote {args.plot}", file=sys.stderr)
         print(json.dumps({k: v for k, v in result.items() if k not in ("epoch", "dataset", "weights",
                                                                          "unseen_test_classes")}))
         return 0
@@ -163,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"per class (overall top-1 {result['test_top1']:.2f}%):")
         print(per_class_table(result["per_class"], result["macro_average"]))
         print(f"wrote {', '.join(result['report_files'])}")
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 

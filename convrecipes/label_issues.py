@@ -341,31 +341,18 @@ def contact_sheet(train: Any, positions: Sequence[int], suggested: np.ndarray, p
     """A PNG grid of the images at ``positions`` titled with their given and suggested labels."""
     if len(positions) == 0:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from convrecipes.contact_sheet import draw_contact_sheet
 
     classes = list(train.classes)
-    rows = (len(positions) + columns - 1) // columns
-    lines = 4 if train.clean_labels is not None else 3  # title lines above each image
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, (2.2 + 0.22 * lines) * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, positions):
-        image = train.images[i].permute(1, 2, 0).numpy()
-        gray = image.shape[2] == 1
-        ax.imshow(image[:, :, 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255)
+    captions = []
+    for i in positions:
         name = train.files[i] if train.files is not None else f"#{int(train.indices[i])}"
         margin = f" ({score[i]:.2f})" if score is not None else ""
         true = f"\ntrue: {classes[int(train.clean_labels[i])]}" if train.clean_labels is not None else ""
-        ax.set_title(f"{name[-22:]}\ngiven: {classes[int(train.labels[i])]}\nsuggested: "
-                     f"{classes[int(suggested[i])]}{margin}{true}", fontsize=7.5)
-    fig.suptitle("probable label errors, most suspect first", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        captions.append(f"{name[-22:]}\ngiven: {classes[int(train.labels[i])]}\nsuggested: "
+                        f"{classes[int(suggested[i])]}{margin}{true}")
+    images = train.images[torch.as_tensor(list(positions), dtype=torch.long)]
+    return draw_contact_sheet(images, captions, path, "probable label errors, most suspect first", columns=columns)
 
 
 def cmd_find_label_issues(args: Any) -> int:

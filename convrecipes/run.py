@@ -390,6 +390,8 @@ def evaluate_run(
     accelerator: Any = None,
     model_kwargs: Optional[dict[str, Any]] = None,
     overrides: Sequence[str] = (),
+    report_dir: Optional[PathLike] = None,
+    top_losses: int = 16,
 ) -> dict[str, Any]:
     """Test a run's checkpoint on its recipe's test split.
 
@@ -398,7 +400,8 @@ def evaluate_run(
         weights: ``best`` or ``last`` (for a run directory).
         ema: evaluate the EMA weights.
         data_dir: where the dataset is, if not where training found it.
-        plot: a PNG path for a 2-D embedding plot (models with a 2-D embedding).
+        plot: a PNG path for a 2-D embedding plot; a model without 2-D embeddings is
+            refused (``RecipeError``) before anything is evaluated.
         accelerator: an ``Accelerator`` (default: made from the recipe).
         model_kwargs: ``model.kwargs`` entries to change when rebuilding the model (e.g.
             ``{"column": 2}``: a FractalNet's deepest column alone); recorded in the result.
@@ -406,11 +409,15 @@ def evaluate_run(
             ``data.image_size=16``: test at another resolution, the images resized at load
             time); recorded in the result. Other sections would change what the checkpoint's
             weights mean and are refused.
+        report_dir: write the confusion matrix, the top-losses sheet and the per-class
+            metrics there (``convrecipes.evaluation_report``; the main process writes).
+        top_losses: images on the top-losses sheet (0: none).
 
     Returns:
         ``{"checkpoint", "epoch", "dataset", "weights", "unseen_test_classes", test_* metrics}``;
         models that expose embeddings add ``test_recall_at_1``, ``test_spread_*`` and
-        ``test_angle_*``.
+        ``test_angle_*``; with ``report_dir`` (and test classes the model was trained on),
+        ``per_class``, ``macro_average`` and ``report_files``.
     """
     from convrecipes.build import build_for_evaluation
     from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of
@@ -441,6 +448,10 @@ def evaluate_run(
         recipe.model.kwargs = {**(recipe.model.kwargs or {}), **model_kwargs}
     exp = build_for_evaluation(recipe, accelerator)
     trainer = exp.trainer
+    if plot:
+        from convrecipes.evaluation_report import require_2d_embeddings
+
+        require_2d_embeddings(trainer.unwrapped_model, exp.datasets.test.image_shape, recipe.model.name)
     chosen = state.get("ema") if ema else model_weights_of(state, ckpt)
     if chosen is None:
         raise CheckpointError(f"{ckpt} has no EMA weights; drop --ema")
@@ -450,9 +461,17 @@ def evaluate_run(
     unseen = has_unseen_test_classes(recipe.data.name)
     if unseen:
         metrics = _without_accuracy(metrics)
-    # a second pass over the test set only for models that expose embeddings
-    if isinstance(trainer.unwrapped_model, Classifier):
-        _, targets, embeddings = trainer.predict(exp.test_loader)
+    # a second pass over the test set for models that expose embeddings and for the report
+    report = report_dir is not None and not unseen
+    if isinstance(trainer.unwrapped_model, Classifier) or report:
+        logits, targets, embeddings = trainer.predict(exp.test_loader)
+        if report:
+            from convrecipes.evaluation_report import explain_test_set
+
+            about = {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "weights": "EMA" if ema else "raw",
+                     "dataset": recipe.data.name, "model_kwargs": model_kwargs, "overrides": list(overrides)}
+            metrics.update(explain_test_set(logits, targets, exp.datasets.test, meta.get("classes"), report_dir,
+                                            top_losses, about, write=trainer.is_main_process))
         if embeddings is not None:
             from convrecipes.embedding_metrics import angular_spread, recall_at_1, spread_ratio
 
