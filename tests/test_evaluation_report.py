@@ -268,3 +268,31 @@ def test_two_processes_write_the_same_report_as_one(tiny_run, tmp_path):
     for name, row in one["per_class"].items():
         assert two["per_class"][name]["images"] == row["images"]
         assert two["per_class"][name]["recall"] == pytest.approx(row["recall"])
+
+
+def test_image_folder_report_names_the_files(tmp_path):
+    """A folder of the user's own images (RGB and grayscale files): the top losses name the
+    files, each under the folder of its true class."""
+    from convrecipes.recipe import load_recipe
+    from convrecipes.run import evaluate_run, train_recipe
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "my images"
+    for split, count in (("train", 8), ("test", 4)):
+        for c, name in enumerate(("cats", "dogs", "owls")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, size=(10, 10, 3), dtype=np.uint8)
+                Image.fromarray(pixels).convert("L" if i % 2 else "RGB").save(folder / f"img {i}.png")
+    recipe = load_recipe("image_folder", [f"data.data_dir={root}", "data.image_size=8", "data.batch_size=8",
+                                          "data.val_fraction=0", "model.kwargs.width=4", *TINY])
+    run = train_recipe(recipe, tmp_path / "run")
+    result = evaluate_run(run.run_dir, "last", report_dir=tmp_path / "report", top_losses=5)
+    record = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    assert record["classes"] == ["cats", "dogs", "owls"] and record["num_images"] == 12
+    assert set(result["per_class"]) == {"cats", "dogs", "owls"}
+    assert 1 <= len(record["top_losses"]) <= 5 and record["num_wrong"] >= len(record["top_losses"])
+    for entry in record["top_losses"]:
+        assert (root / entry["file"]).is_file() and entry["file"].split("/")[-2] == entry["true"]
+    assert Image.open(tmp_path / "report" / "top_losses.png").size[0] >= 200
