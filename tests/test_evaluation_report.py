@@ -256,7 +256,8 @@ def test_two_processes_write_the_same_report_as_one(tiny_run, tmp_path):
                                     "--out", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len([line for line in result.stdout.splitlines() if line.startswith("{")]) == 1, "only the main process prints"
+    printed = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, "only the main process prints"
     assert main(["evaluate", str(tiny_run), "--weights", "last", "--out", str(tmp_path / "one")]) == 0
     two = json.loads((tmp_path / "two" / "evaluation.json").read_text())
     one = json.loads((tmp_path / "one" / "evaluation.json").read_text())
