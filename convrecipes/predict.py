@@ -232,10 +232,6 @@ class _ImageFiles(torch.utils.data.Dataset):
             return index, None, f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
 
-def _keep_as_list(items: list[Any]) -> list[Any]:
-    return items
-
-
 @dataclass
 class Prediction:
     """One file's result: its top-k classes and probabilities, or why it could not be read."""
@@ -275,7 +271,8 @@ def iter_batches(trained: TrainedModel, files: Sequence[Path], batch_size: int =
     """Decode ``files`` in batches (in ``workers`` DataLoader processes; 0: in this one) and
     yield ``(readable files, their logits (B, C) or None, [(unreadable file, error)])``."""
     loader = torch.utils.data.DataLoader(_ImageFiles(files, trained.preprocessing), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers, collate_fn=_keep_as_list)
+                                         shuffle=False, num_workers=workers,
+                                         collate_fn=list)  # items stay (index, array or None, error)
     for batch in loader:
         good = [(index, array) for index, array, error in batch if not error]
         bad = [(files[index], error) for index, _, error in batch if error]
@@ -331,10 +328,12 @@ def predict(
     files = find_images(paths)
     trained = load_trained_model(run, weights=weights, ema=ema, device=device)
     k = min(top_k, len(trained.classes))
-    from tqdm.auto import tqdm
+    from convrecipes.progress import progress_bar
 
     by_path: dict[Path, Prediction] = {}
-    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+    # in a log (not a terminal): one line every 10 batches
+    with progress_bar(total=len(files), desc="predict", unit="img", every=10 * batch_size,
+                      disable=not progress) as bar:
         for readable, logits, unreadable in iter_batches(trained, files, batch_size, workers):
             if logits is not None:
                 probs = logits.softmax(dim=1)
