@@ -17,12 +17,14 @@ import convrecipes.data.datasets as datasets_mod
 from convrecipes.cli import main
 from convrecipes.recipe import LOSS_TERM_HELP, Recipe, load_recipe, schema_keys
 from convrecipes.run import run_name
+from convrecipes.schedulers import SCHEDULES
 from convrecipes.show import format_value, param_docs
 
 CLASSES = ("daisy", "rose", "tulip")
 PER_CLASS = 8
 # tiny and fast: 8 px images, a 4-wide ResNet-8, one epoch
-TINY = ["data.image_size=8", "data.batch_size=8", "model.kwargs.width=4", "trainer.epochs=1", "schedule.warmup_epochs=0"]
+TINY = ["data.image_size=8", "data.batch_size=8", "model.kwargs.width=4", "trainer.epochs=1",
+        "schedule.warmup_epochs=0"]
 
 
 @pytest.fixture
@@ -126,13 +128,13 @@ def test_show_prints_every_key_its_value_and_its_help(flowers, capsys):
         assert shown[f"loss.{part}"][1] == text
     # the registries' parameters: the loss's given value and the schedule's default, with their docstring help
     assert shown["loss.params.ignore_index"][0] == "-1" and shown["loss.params.ignore_index"][1].startswith("(set)")
-    assert shown["schedule.params.min_lr_ratio"] == ("0.0", "(default) " + param_docs(
-        __import__("convrecipes.schedulers", fromlist=["SCHEDULES"]).SCHEDULES.get("cosine"))["min_lr_ratio"])
+    cosine_doc = param_docs(SCHEDULES.get("cosine"))["min_lr_ratio"]
+    assert shown["schedule.params.min_lr_ratio"] == ("0.0", f"(default) {cosine_doc}")
     # every printed value reads back as the recipe's own value
     for key in ("data.image_size", "optimizer.lr", "augment.hflip", "trainer.grad_clip", "model.kwargs"):
         section, name = key.split(".")
-        assert load_recipe("image_folder", [f"{key}={shown[key][0]}"]).__getattribute__(section).__getattribute__(
-            name) == getattr(getattr(recipe, section), name)
+        read_back = load_recipe("image_folder", [f"{key}={shown[key][0]}"])
+        assert getattr(getattr(read_back, section), name) == getattr(getattr(recipe, section), name), key
     assert not Path("runs").exists()
 
 
