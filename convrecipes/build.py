@@ -624,6 +624,12 @@ def build_for_evaluation(recipe: Recipe, accelerator: Optional[Accelerator] = No
     recipe.trainer.ema_decay = None
     # nor the weights it started from (the checkpoint replaces them) nor its frozen layers
     recipe.model.freeze_stages, recipe.model.freeze, recipe.model.unfreeze_epoch = None, [], None
+    # the test split stands in for the (unused) training loader: a test set smaller than the
+    # training batch, or than a P x K batch, must not stop an evaluation
+    recipe.data.pk = None
+    per_process = max(1, len(datasets.test) // accelerator.num_processes)
+    if recipe.data.batch_size > per_process * accelerator.num_processes:
+        recipe.data.batch_size = per_process * accelerator.num_processes
     return build(recipe, accelerator=accelerator, datasets=datasets, init_weights=False)
 
 

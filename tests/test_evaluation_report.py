@@ -297,3 +297,18 @@ def test_image_folder_report_names_the_files(tmp_path):
     for entry in record["top_losses"]:
         assert (root / entry["file"]).is_file() and entry["file"].split("/")[-2] == entry["true"]
     assert Image.open(tmp_path / "report" / "top_losses.png").size[0] >= 200
+
+
+def test_a_test_split_smaller_than_the_training_batch_is_evaluated(tiny_run):
+    # the digits test split has 359 images; a training batch of 512 (or a P x K batch) must not
+    # stop the evaluation, which never builds batches of the training size
+    from convrecipes.build import build_for_evaluation
+    from convrecipes.checkpoint import load_checkpoint
+    from convrecipes.loading import find_checkpoint
+    from convrecipes.recipe import recipe_from_dict
+
+    _, meta = load_checkpoint(find_checkpoint(tiny_run, prefer="best"))
+    raw = dict(meta["recipe"])
+    raw["data"] = {**raw["data"], "batch_size": 512, "pk": [10, 60]}
+    exp = build_for_evaluation(recipe_from_dict(raw))
+    assert sum(len(y) for _, y in ((b[0], b[1]) for b in exp.test_loader)) == 359
