@@ -290,8 +290,10 @@ def test_suggestions_land_where_the_constructed_curve_puts_them():
     log = {k: math.log10(v) for k, v in sugg.items()}
     assert -2.0 - step <= log["steepest"] <= -1.5  # inside the steepest segment
     assert log["min_div_10"] == pytest.approx(-1.0 - 1.0, abs=step)  # minimum at -1, divided by 10
-    # valley: the longest decreasing run spans [-3, -1] (+1 plateau point); fastai takes ~ its middle
-    assert log["valley"] == pytest.approx(-2.0, abs=3 * step)
+    # valley: the curve is first flattened above the level where it has covered 10% of its
+    # descent (2.003 - 0.1 * 0.8 = 1.923, reached at x = -3 + 0.08 / 0.2 = -2.6), so the
+    # longest decreasing run spans [-2.6, -1] (+1 flattened point); fastai takes ~ its middle
+    assert log["valley"] == pytest.approx((-2.6 - 1.0) / 2, abs=3 * step)
     # cyclic max: 80% of the descent 2.003 -> 1.203 is covered at 1.363, on the steep segment at x = -1.56
     assert log["cyclic_max"] == pytest.approx(-1.56, abs=step)
     assert sugg["cyclic_base"] == pytest.approx(sugg["cyclic_max"] / 4)

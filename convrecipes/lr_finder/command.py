@@ -13,7 +13,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -58,9 +58,13 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="exp: equal LR ratios (fastai); linear: equal LR steps (Smith) (default exp)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="sweeps with seeds seed, seed+1, ...; reports the spread of each suggestion (default 1)")
-    parser.add_argument("--smooth-beta", type=float, default=0.98, help="EMA factor of the smoothed loss (default 0.98)")
+    parser.add_argument("--smooth-beta", type=float, default=0.98,
+                        help="factor of the online EMA the stop rule watches (default 0.98)")
     parser.add_argument("--diverge-threshold", type=float, default=4.0,
-                        help="stop when the smoothed loss exceeds this times its best (default 4)")
+                        help="stop when the online EMA of the loss exceeds this times its best (default 4)")
+    parser.add_argument("--smooth-decades", type=float, default=None,
+                        help="window, in decades of LR, of the centred (zero-lag) smoothing the suggestions are "
+                             "read off (default 0.5: rules.SMOOTH_WINDOW_DECADES)")
     parser.add_argument("--part", help="trainers with several optimizers: the one to sweep, e.g. teacher or student "
                                        "for trainer mpl (default: the primary model's)")
     parser.add_argument("--out", help="output directory (default: <output_dir>/lr-find-<recipe>-<timestamp>)")
@@ -130,6 +134,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
     from convrecipes.build import build, load_datasets, make_accelerator
     from convrecipes.errors import RecipeError
     from convrecipes.lr_finder import find_lr_repeated
+    from convrecipes.lr_finder.result import write_lr_find_json
     from convrecipes.recipe import load_recipe
     from convrecipes.run import new_run_dir
 
@@ -149,15 +154,17 @@ def run_lr_find(args: argparse.Namespace) -> int:
         make, seeds=[recipe.seed + i for i in range(args.repeat)],
         start_lr=args.start_lr, end_lr=args.end_lr, num_iters=args.num_iters, mode=args.mode,
         smooth_beta=args.smooth_beta, diverge_threshold=args.diverge_threshold, progress=recipe.trainer.progress,
-        part=args.part,
+        part=args.part, **({} if args.smooth_decades is None else {"smooth_decades": args.smooth_decades}),
     )
     accelerator.free_memory()
     rule = auto_lr_rule(recipe.schedule.name)
     if accelerator.is_main_process:
-        json_path = result.to_json(out / "lr_find.json", extra={"recipe": recipe.name, "overrides": list(args.overrides),
-                                                               "auto_lr_rule": rule})
+        auto = {"rule": rule, "schedule": recipe.schedule.name, "suggested_lr": result.suggestions.get(rule),
+                "applied": False}
+        json_path = write_lr_find_json(out / "lr_find.json", result, recipe=recipe.name, overrides=args.overrides,
+                                       auto=auto)
         png_path = result.plot(out / "lr_find.png", title=f"{recipe.name}: LR range test, global batch "
-                                                          f"{result.global_batch_size}")
+                                                          f"{result.global_batch_size}", auto_rule=rule)
         print(format_report(result, recipe.name, rule))
         print(f"wrote {json_path} and {png_path}")
     accelerator.wait_for_everyone()
@@ -166,7 +173,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
 
 
 def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optional[Path] = None,
-                    **find_lr_kwargs: Any) -> Optional["LRFinderResult"]:
+                    overrides: Sequence[str] = (), **find_lr_kwargs: Any) -> Optional["LRFinderResult"]:
     """Replace ``optimizer.lr: auto`` in ``recipe`` by the LR range test's suggestion.
 
     Builds the recipe once to sweep it (seeded as training will be), takes the
@@ -175,7 +182,9 @@ def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optio
     found). A ``cyclic`` schedule without ``max_lr``/``base_lr`` takes the finder's
     cyclical bounds. Then the caller builds the real run from the resolved recipe: training
     is exactly what it would be with those numbers written in the recipe. ``run_dir``
-    receives lr_find.json (with the choice under ``"auto"``) and lr_find.png.
+    receives lr_find.json (``write_lr_find_json``: the layout ``lr-find`` writes, with the
+    choice under ``"auto"`` and ``overrides`` recorded) and lr_find.png, with the chosen LR
+    marked.
 
     Returns:
         The sweep's result, or None when the recipe's LR is already a number.
@@ -186,6 +195,7 @@ def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optio
     from convrecipes.build import build
     from convrecipes.errors import ConvrecipesError
     from convrecipes.lr_finder import find_lr
+    from convrecipes.lr_finder.result import write_lr_find_json
 
     o, s = recipe.optimizer, recipe.schedule
     if not isinstance(o.lr, str):
@@ -200,7 +210,7 @@ def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optio
     accelerator.free_memory()  # the sweep's model and optimizer must not linger in the accelerator
     rule = auto_lr_rule(s.name)
     chosen = result.suggestions.get(rule)
-    record: dict[str, Any] = {"rule": rule, "schedule": s.name, "suggested_lr": chosen}
+    record: dict[str, Any] = {"rule": rule, "schedule": s.name, "suggested_lr": chosen, "applied": chosen is not None}
     if chosen is not None:
         lr = float(f"{chosen:.4g}")  # the rule is not precise to more digits; keeps recipe.yaml readable
         o.lr = lr * o.reference_batch_size / batch if o.scale_lr_with_batch else lr
@@ -213,8 +223,9 @@ def resolve_auto_lr(recipe: "Recipe", accelerator: "Accelerator", run_dir: Optio
     if run_dir is not None and accelerator.is_main_process:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        result.to_json(run_dir / "lr_find.json", extra={"recipe": recipe.name, "auto": record})
-        result.plot(run_dir / "lr_find.png", title=f"{recipe.name}: LR range test for optimizer.lr=auto")
+        write_lr_find_json(run_dir / "lr_find.json", result, recipe=recipe.name, overrides=overrides, auto=record)
+        result.plot(run_dir / "lr_find.png", title=f"{recipe.name}: LR range test for optimizer.lr=auto",
+                    auto_rule=rule)
     accelerator.wait_for_everyone()
     where = f" (see {Path(run_dir) / 'lr_find.png'})" if run_dir is not None else ""
     if chosen is None:

@@ -2,8 +2,9 @@
 
 What: train for ``num_iters`` steps while the LR rises from ``start_lr`` to ``end_lr``
 (exponentially, fastai-style, or linearly, as in Smith's paper), record the loss of every
-step, smooth it with a debiased exponential moving average, stop once the smoothed loss
-exceeds ``diverge_threshold`` times its best, and read learning rates off the curve
+step, smooth it online with a debiased exponential moving average, stop once that exceeds
+``diverge_threshold`` times its best, then smooth the finished curve again without lag
+(centred, over a window in decades of LR) and read learning rates off that
 (``convrecipes.lr_finder.rules``). Then put everything back: the sweep leaves no trace.
 
 When: before training a new recipe, model, batch size or optimizer; after changing the
@@ -42,7 +43,7 @@ import torch
 from convrecipes.data.loader import InMemoryLoader, is_epoch_loader
 from convrecipes.errors import DataError, NonFiniteLossError, RecipeError
 from convrecipes.lr_finder.result import LRFinderResult, RepeatedLRFinderResult
-from convrecipes.lr_finder.rules import check_sweep_args, suggest, sweep_lrs
+from convrecipes.lr_finder.rules import SMOOTH_WINDOW_DECADES, check_sweep_args, read_sweep, sweep_lrs
 
 if TYPE_CHECKING:
     from convrecipes.trainers.base import Trainer
@@ -108,6 +109,7 @@ def find_lr(
     progress: Optional[bool] = None,
     part: Optional[str] = None,
     loss_key: Optional[str] = None,
+    smooth_decades: float = SMOOTH_WINDOW_DECADES,
 ) -> LRFinderResult:
     """Run the LR range test with ``trainer``'s own training step; leave the trainer untouched.
 
@@ -121,8 +123,8 @@ def find_lr(
         start_lr, end_lr: the first and last LR of the swept optimizer's first param group.
         num_iters: steps of the full sweep (each ``grad_accum_steps`` batches).
         mode: ``exp`` (equal ratios) or ``linear`` (equal steps).
-        smooth_beta: the EMA factor of the smoothed loss.
-        diverge_threshold: stop once the smoothed loss exceeds this times its best
+        smooth_beta: the factor of the online EMA the stop rule watches.
+        diverge_threshold: stop once the online EMA exceeds this times its best
             (only while the best is positive); a NaN/inf loss always stops.
         seed: None sweeps from where training stands (the trainer's epoch/batch and the
             current RNG); an int seeds the RNGs as ``fit`` does (per process) and, for an
@@ -134,6 +136,8 @@ def find_lr(
         loss_key: the logged value whose curve is read (default: what the trainer's
             ``loss_key_of(part)`` names, else the step's loss), e.g. ``teacher_loss`` when
             sweeping an MPL teacher.
+        smooth_decades: the window, in decades of LR, of the centred smoothing of the
+            finished sweep that the suggestions are read off (``centred_smooth``).
 
     Returns:
         An ``LRFinderResult`` (``settings["part"]`` names the swept part, ``settings["loss"]``
@@ -150,6 +154,9 @@ def find_lr(
     check_sweep_args(start_lr, end_lr, num_iters, mode)
     if not 0.0 <= smooth_beta < 1.0:
         raise RecipeError(f"smooth_beta must be in [0, 1), got {smooth_beta}; 0.98 is usual (0: no smoothing)")
+    if isinstance(smooth_decades, bool) or not isinstance(smooth_decades, (int, float)) or not smooth_decades >= 0:
+        raise RecipeError(f"smooth_decades must be a number >= 0, got {smooth_decades!r}; 0.5 is usual "
+                          f"(0: read the suggestions off the raw losses)")
     if not diverge_threshold > 1.0:
         raise RecipeError(f"diverge_threshold must be > 1, got {diverge_threshold}; 4-5 is usual")
     if part is not None and part not in trainer.optimizers:
@@ -235,11 +242,12 @@ def find_lr(
         trainer.restore(snapshot)
         if loader_position is not None:
             loader.epoch, loader.start_batch, loader.seed = loader_position
-    suggestions, points, warnings = suggest(lrs, smoothed, num_iters, stop_reason)
+    centred, suggestions, points, warnings = read_sweep(lrs, losses, num_iters, stop_reason, smooth_decades)
     return LRFinderResult(
         lrs=lrs,
         losses=losses,
         smoothed=smoothed,
+        centred=centred,
         suggestions=suggestions,
         warnings=warnings,
         global_batch_size=local_batch * num_processes * accum,
@@ -247,6 +255,7 @@ def find_lr(
         settings={
             "start_lr": start_lr, "end_lr": end_lr, "num_iters": num_iters, "mode": mode,
             "smooth_beta": smooth_beta, "diverge_threshold": diverge_threshold, "seed": seed,
+            "smooth_window_decades": smooth_decades,
             "per_process_batch_size": local_batch, "num_processes": num_processes, "grad_accum_steps": accum,
             "param_group_ratios": list(ratios), "part": part,
             "loss": loss_key or "train_loss",

@@ -57,6 +57,7 @@ from convrecipes.progress import progress_bar, shows_next
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
 from convrecipes.trainers.callbacks import Callback
+from convrecipes.trainers.curves import curves_context, record_step_lrs, start_lr_log
 from convrecipes.trainers.metrics_log import append_jsonl, format_metrics, plot_curves, read_jsonl
 
 PRIMARY = "model"
@@ -312,6 +313,7 @@ class Trainer:
         self._epoch_samples = 0
         self._step_schedules = True
         self._where = ""
+        self._lr_log = None  # lr_steps.jsonl of the current fit (convrecipes.trainers.curves)
 
     def _check_unused_parameters(self, models: Mapping[str, nn.Module]) -> None:
         """Several processes with a model or algorithm that leaves parameters unused need
@@ -652,6 +654,7 @@ class Trainer:
             set_seed(self.seed, device_specific=True)
         if self.run_dir is not None and self.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lr_log = start_lr_log(self, train_loader, epochs)  # after a resume: drops the steps it retrains
         self._init_trackers()
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -718,6 +721,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_start(self, self.global_step + 1)
             self._where = f"epoch {self.epoch + 1}, batch {b + 1}/{n_batches}"
+            record_step_lrs(self, self._lr_log, b + 1, n_batches)
             try:
                 out = self.train_step(pending)
             except RuntimeError as exc:
@@ -909,7 +913,8 @@ class Trainer:
             return
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # includes epochs from before a resume
-            plot_curves(read_jsonl(path), self.run_dir / "curves.png", title=self.run_dir.name)
+            plot_curves(read_jsonl(path), self.run_dir / "curves.png", title=self.run_dir.name,
+                        **curves_context(self))
 
     # -- snapshots ----------------------------------------------------------------------
     def snapshot(self) -> Any:

@@ -1,10 +1,11 @@
-"""Per-epoch metrics: one console line, one JSON line in ``metrics.jsonl``, a PNG of the curves."""
+"""Per-epoch metrics: one console line, one JSON line in ``metrics.jsonl``, a PNG of the curves
+(drawn by ``convrecipes.trainers.curves``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -50,40 +51,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def plot_curves(records: Iterable[dict], path: Path, title: Optional[str] = None) -> Optional[Path]:
-    """Loss, accuracy and LR against epoch in one PNG; returns the path (None if no records)."""
-    records = list(records)
-    if not records:
+def plot_curves(records: Iterable[dict], path: Path, title: Optional[str] = None, *,
+                lr_steps: Sequence[dict] = (), monitor: Optional[str] = "val_top1", mode: str = "max",
+                num_classes: Optional[int] = None) -> Optional[Path]:
+    """Write ``curves.png``: losses, loss parts, accuracy and LR against epoch, the best epoch
+    by ``monitor`` marked (see ``convrecipes.trainers.curves.curves_figure``, which the
+    keyword arguments are passed to). Returns the path (None if no records)."""
+    from convrecipes.trainers.curves import curves_figure
+
+    fig = curves_figure(records, lr_steps=lr_steps, monitor=monitor, mode=mode, num_classes=num_classes,
+                        title=title)
+    if fig is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    keys = list(dict.fromkeys(k for r in records for k in r))  # every key any epoch logged, in order
-    panels = [
-        ("loss", [k for k in keys if k.endswith("loss")]),
-        ("accuracy (%)", [k for k in keys if k.endswith(("top1", "top5"))]),
-        ("learning rate", ["lr"]),
-    ]
-    memorisation = [k for k in keys if k.startswith("flipped_pred_")]
-    if memorisation:  # label-noise runs: what the model predicts for the flipped training labels
-        panels.append(("flipped training labels predicted as (%)", memorisation))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
-    for ax, (label, panel_keys) in zip(axes, panels):
-        for key in panel_keys:
-            points = [(e, r[key]) for e, r in zip(epochs, records) if r.get(key) is not None]
-            if points:  # epochs without the key (eval_every_epochs) are skipped, not plotted as gaps
-                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if panel_keys and label != "learning rate":
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
