@@ -344,8 +344,9 @@ def lr_find_figure(runs: Sequence[LRFinderResult], suggestions: dict[str, Option
     disagreement = disagreement_warning(suggestions)
     if disagreement:
         ratio_text = disagreement.split(" (", 1)[0]
-        ax.text(0.01, 0.01, f"warning: {ratio_text};\nconsensus is pulled towards the odd one out", color="tab:red",
-                fontsize=8, transform=ax.transAxes, va="bottom", ha="left", gid="disagreement",
+        # upper right, above the legend (lower left): the corner an LR range test leaves emptiest
+        ax.text(0.99, 0.98, f"warning: {ratio_text};\nconsensus is pulled towards the odd one out", color="tab:red",
+                fontsize=8, transform=ax.transAxes, va="top", ha="right", gid="disagreement", zorder=10,
                 bbox=dict(facecolor="white", edgecolor="tab:red", alpha=0.9))
     all_lrs = np.concatenate([c[0] for c in curves]) if curves else np.array([1.0])
     ax.set_xscale("log" if mode != "linear" or all_lrs.min() > 0 else "linear")
@@ -353,7 +354,7 @@ def lr_find_figure(runs: Sequence[LRFinderResult], suggestions: dict[str, Option
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
