@@ -25,6 +25,7 @@ from convrecipes.errors import RecipeError
 from convrecipes.losses import LOSSES, build_loss, loss_param_groups
 from convrecipes.models import count_parameters, create_model
 from convrecipes.optim import build_optimizer, scaled_lr
+from convrecipes.threads import apply_threads
 from convrecipes.recipe import Recipe, loss_terms, recipe_to_dict
 from convrecipes.registry import Registry
 from convrecipes.schedulers import build_scheduler
@@ -94,7 +95,7 @@ class TrainerContext:
         o = self.recipe.optimizer
         return build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
-                               decay_norm_and_bias=o.decay_norm_and_bias)
+                               decay_norm_and_bias=o.decay_norm_and_bias, fused=o.fused)
 
     def make_schedule(self, optimizer: torch.optim.Optimizer, epochs: int, name: Optional[str] = None,
                       warmup_epochs: Optional[float] = None) -> Any:
@@ -421,6 +422,7 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     if init_weights and recipe.model.init_from:  # checked before any data is loaded
         init_source = resolve_init_source(recipe.model.init_from, recipe.model.name)
     accelerator = accelerator or make_accelerator(recipe, run_dir)
+    apply_threads(recipe.trainer.threads)  # physical cores shared among this machine's processes
     if recipe.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     datasets = datasets or load_datasets(recipe)
@@ -492,7 +494,7 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
     optimizer = build_optimizer(model, o.name, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
                                 decay_norm_and_bias=o.decay_norm_and_bias, extra_param_groups=extra,
-                                lr_mult=lr_mult)
+                                lr_mult=lr_mult, fused=o.fused)
     t = recipe.trainer
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum_steps)
     s = recipe.schedule
@@ -552,7 +554,8 @@ def build(recipe: Recipe, accelerator: Optional[Accelerator] = None, run_dir: Op
         accelerator=accelerator, grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
         ema_decay=t.ema_decay, callbacks=callbacks, run_dir=run_dir, seed=recipe.seed,
         channels_last=m.channels_last, progress=t.progress, checkpoint_metadata=metadata,
-        log_every_steps=t.log_every_steps, eval_every_epochs=t.eval_every_epochs, **kwargs,
+        log_every_steps=t.log_every_steps, eval_every_epochs=t.eval_every_epochs,
+        nan_check_every_steps=t.nan_check_every_steps, compile=t.compile, **kwargs,
     )
     if freezer is not None:
         # after the trainer prepared (DDP-wrapped) the model, so DDP registers the frozen

@@ -112,6 +112,8 @@ class OptimizerConfig:
     reference_batch_size: int = _key(256, doc="the batch size lr is given for, when scale_lr_with_batch")
     backbone_lr_mult: Optional[float] = _key(None, doc="fine-tuning: the backbone trains at lr * this, the "
                                                        "classifier at lr (null: one LR for all)")
+    fused: Optional[bool] = _key(None, doc="update all parameters in one fused kernel (sgd, adam, adamw; same "
+                                           "arithmetic); null: where torch has it")
 
 
 @dataclass
@@ -169,6 +171,13 @@ class TrainerConfig:
     eval_every_epochs: int = _key(1, doc="validate every N epochs and after the last (training is unchanged by it)")
     collective_timeout_s: int = _key(600, doc="several processes: how long one waits for a stalled other, in "
                                               "seconds (torch: 1800)")
+    nan_check_every_steps: Optional[int] = _key(None, doc="check the loss for inf/nan every N steps, at epoch ends "
+                                                          "and before every checkpoint (one host sync each); null: "
+                                                          "log_every_steps; 1: every step, before its update")
+    threads: Optional[int] = _key(None, doc="torch's compute threads per process; null: OMP_NUM_THREADS if set, else "
+                                            "the physical cores available divided among this machine's processes")
+    compile: bool = _key(False, doc="torch.compile the trainable models (the first steps compile; checkpoints stay "
+                                    "plain)")
     params: dict[str, Any] = _key(factory=dict, doc="the trainer's own arguments (listed below by name)")
 
 
@@ -397,6 +406,9 @@ _RANGES: list[tuple[str, Any, str, str]] = [
     ("trainer.log_every_steps", lambda v: v >= 1, "an integer >= 1", "trainer.log_every_steps=10"),
     ("trainer.eval_every_epochs", lambda v: v >= 1, "an integer >= 1", "trainer.eval_every_epochs=5"),
     ("trainer.collective_timeout_s", lambda v: v >= 1, "an integer >= 1 (seconds)", "trainer.collective_timeout_s=600"),
+    ("trainer.nan_check_every_steps", lambda v: v is None or v >= 1, "an integer >= 1 or null",
+     "trainer.nan_check_every_steps=10"),
+    ("trainer.threads", lambda v: v is None or v >= 1, "an integer >= 1 or null", "trainer.threads=2"),
 ]
 
 

@@ -77,7 +77,9 @@ class _NaNAfter(nn.Module):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(blobs, tmp_path):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    t = SupervisedTrainer(model, opt, _NaNAfter(bad_call=5), progress=False,
+    # nan_check_every_steps=1: the exact guard, before the bad step's update (the default
+    # checks later, without a host sync per step: tests/test_fast_step.py)
+    t = SupervisedTrainer(model, opt, _NaNAfter(bad_call=5), progress=False, nan_check_every_steps=1,
                           callbacks=[ModelCheckpoint(tmp_path, every_n_steps=1)])
     with pytest.raises(NonFiniteLossError, match="lower the learning rate") as info:
         t.fit(InMemoryLoader(blobs, 16, seed=0), epochs=3)

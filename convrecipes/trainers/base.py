@@ -58,6 +58,7 @@ from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
 from convrecipes.trainers.callbacks import Callback
 from convrecipes.trainers.curves import curves_context, record_step_lrs, start_lr_log
+from convrecipes.trainers.finite_guard import FiniteGuard
 from convrecipes.trainers.metrics_log import append_jsonl, format_metrics, plot_curves, read_jsonl
 
 PRIMARY = "model"
@@ -189,6 +190,15 @@ class Trainer:
         eval_every_epochs: validate every this many epochs and after the last (validation
             never changes training: the weights are the same for any value; a plateau
             schedule and early stopping then count validations, not epochs).
+        nan_check_every_steps: check the training loss for inf/nan every this many
+            optimizer steps (one host sync each), at each epoch's end and before every
+            checkpoint; None: ``log_every_steps``. 1 is the exact guard, before the bad
+            step's update; with more, the steps until the check update the weights in
+            memory with non-finite gradients, which are never saved
+            (``convrecipes.trainers.finite_guard``).
+        compile: ``torch.compile`` each trainable model's forward in place
+            (``nn.Module.compile``: the state-dict keys, checkpoints, EMA and resume are
+            the plain module's); the first steps pay the compilation.
     """
 
     #: True for algorithms whose ``training_step`` calls ``backward``/``step`` itself.
@@ -228,6 +238,8 @@ class Trainer:
         log_with: Optional[Union[str, Sequence[str]]] = None,
         log_every_steps: int = 10,
         eval_every_epochs: int = 1,
+        nan_check_every_steps: Optional[int] = None,
+        compile: bool = False,
     ) -> None:
         models, optimizers, schedulers, primary = self._named_parts(model, optimizer, scheduler, models, optimizers,
                                                                     schedulers, primary)
@@ -247,6 +259,12 @@ class Trainer:
         self.eval_every_epochs = eval_every_epochs
         if not isinstance(log_every_steps, int) or log_every_steps < 1:
             raise RecipeError(f"log_every_steps must be an integer >= 1, got {log_every_steps!r}")
+        nan_check_every_steps = log_every_steps if nan_check_every_steps is None else nan_check_every_steps
+        if isinstance(nan_check_every_steps, bool) or not isinstance(nan_check_every_steps, int) \
+                or nan_check_every_steps < 1:
+            raise RecipeError(f"nan_check_every_steps must be an integer >= 1 (1: every step), got "
+                              f"{nan_check_every_steps!r}")
+        self.nan_check_every_steps = nan_check_every_steps
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if accelerator is None:
             if log_with and self.run_dir is None:
@@ -286,6 +304,10 @@ class Trainer:
             # warmup: the effective decay ramps up, so short runs do not average in the random
             # init; stochastic rounding (bf16 EMA weights only) would draw from a private generator
             self.ema = ModelEmaV3(self.unwrapped_model, decay=ema_decay, use_warmup=True, stochastic_rounding=False)
+        self.compiled = bool(compile)
+        if self.compiled:  # after the EMA's copy, which stays a plain module
+            for name in self._trainable:
+                self.unwrap(name).compile()
         self.callbacks = list(callbacks)
         self.seed = seed
         self.progress = progress
@@ -314,6 +336,11 @@ class Trainer:
         self._step_schedules = True
         self._where = ""
         self._lr_log = None  # lr_steps.jsonl of the current fit (convrecipes.trainers.curves)
+        # fit() queues the step losses and checks them every nan_check_every_steps (no host
+        # sync per step); train_step outside fit (the LR finder) checks each one at once
+        self._finite_guard = FiniteGuard(
+            (lambda flags: self.accelerator.reduce(flags, "sum")) if self.accelerator.num_processes > 1 else None)
+        self._defer_finite_check = False
 
     def _check_unused_parameters(self, models: Mapping[str, nn.Module]) -> None:
         """Several processes with a model or algorithm that leaves parameters unused need
@@ -706,6 +733,7 @@ class Trainer:
             raise ValueError("the training loader yields no batches; lower data.batch_size or add data")
         if start == 0:
             self._epoch_sums, self._epoch_samples = {}, 0
+        self._finite_guard.pending.clear()  # nothing left from an interrupted fit
         accum = self.grad_accum_steps
         # a bar on a terminal; in a log, a plain line every log_every_steps optimizer steps
         bar = progress_bar(total=n_batches, initial=start, desc=f"epoch {self.epoch + 1}/{epochs}", unit="batch",
@@ -723,11 +751,16 @@ class Trainer:
             self._where = f"epoch {self.epoch + 1}, batch {b + 1}/{n_batches}"
             record_step_lrs(self, self._lr_log, b + 1, n_batches)
             try:
+                self._defer_finite_check = True
                 out = self.train_step(pending)
             except RuntimeError as exc:
                 self._raise_if_collective_timeout(exc)
                 raise
+            finally:
+                self._defer_finite_check = False
             pending = []
+            if self.global_step % self.nan_check_every_steps == 0:
+                self.check_finite_losses()
             self.batch_in_epoch = b + 1
             samples_this_call += out.batch_size
             # fold into the resumable per-epoch totals only at step boundaries, so a
@@ -745,6 +778,7 @@ class Trainer:
                                 lr=f"{self.current_lr():.3g}", refresh=False)
             bar.update(1)
         bar.close()
+        self.check_finite_losses()
         elapsed = time.perf_counter() - t0
         totals = torch.stack([torch.tensor(float(self._epoch_samples), dtype=torch.float64, device=self.device),
                               *(v.to(torch.float64) for v in self._epoch_sums.values())])
@@ -773,18 +807,20 @@ class Trainer:
                 f"trainer.collective_timeout_s if a step legitimately takes that long") from None
 
     def _check_finite(self, loss: torch.Tensor, part: Optional[str] = None) -> None:
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.accelerator.num_processes > 1:  # every rank must stop together
-            bad = self.accelerator.reduce(bad, "sum")
-        if bad.item() > 0:
-            where = self.last_checkpoint or "none written yet"
-            what = f"the {part} loss" if part else "the training loss"
-            raise NonFiniteLossError(
-                f"{what} became {float(loss.detach())} at {self._where or f'epoch {self.epoch + 1}'} (step "
-                f"{self.global_step + 1}); training stopped before this step, and the last good checkpoint is "
-                f"intact ({where}). Fix: lower the learning rate (optimizer.lr), clip gradients "
-                f"(trainer.grad_clip=1.0), or use bf16 instead of fp16."
-            )
+        """The NaN guard: inside ``fit`` (with ``nan_check_every_steps`` > 1) the loss is
+        queued and checked later in one host read (``check_finite_losses``); otherwise it is
+        checked now, before the update. Every rank stops together."""
+        where = self._where or f"epoch {self.epoch + 1}"
+        if self._defer_finite_check and self.nan_check_every_steps > 1:
+            self._finite_guard.add(loss, part, where, self.global_step + 1)
+        else:
+            self._finite_guard.check_now(loss, part, where, self.global_step + 1, self.last_checkpoint)
+
+    def check_finite_losses(self) -> None:
+        """Check the losses queued since the last check (one host sync; collective): raise
+        ``NonFiniteLossError`` naming the first non-finite one. ``fit`` calls it every
+        ``nan_check_every_steps``, at the end of each epoch and before every checkpoint."""
+        self._finite_guard.flush(self.last_checkpoint, stopped_at=self.global_step)
 
     def _check_finite_weights(self) -> None:
         """Refuse to overwrite a good checkpoint with overflowed weights (the loss can still be
@@ -922,6 +958,7 @@ class Trainer:
         puts it back. See ``convrecipes.trainers.snapshot``."""
         from convrecipes.trainers.snapshot import take_snapshot
 
+        self.check_finite_losses()
         return take_snapshot(self)
 
     def restore(self, snapshot: Any) -> None:
@@ -984,6 +1021,7 @@ class Trainer:
         Returns the last path written.
         """
         paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+        self.check_finite_losses()  # the losses still queued name the step that went bad
         self._check_finite_weights()
         state = self.state_dict()
         if self.is_main_process:
