@@ -112,8 +112,9 @@ class OptimizerConfig:
     reference_batch_size: int = _key(256, doc="the batch size lr is given for, when scale_lr_with_batch")
     backbone_lr_mult: Optional[float] = _key(None, doc="fine-tuning: the backbone trains at lr * this, the "
                                                        "classifier at lr (null: one LR for all)")
-    fused: Optional[bool] = _key(None, doc="update all parameters in one fused kernel (sgd, adam, adamw; same "
-                                           "arithmetic); null: where torch has it")
+    fused: Optional[bool] = _key(None, doc="update all parameters in one fused kernel (same arithmetic); null: "
+                                           "fused adam/adamw, foreach kernels otherwise; true also for sgd when "
+                                           "every parameter trains from the first step")
 
 
 @dataclass

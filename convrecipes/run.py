@@ -59,8 +59,8 @@ def process_state() -> Any:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def _from_main_process(value: str, state: Any) -> str:
-    """``value`` as the main process has it, on every process."""
+def _from_main_process(value: Any, state: Any) -> Any:
+    """``value`` (anything picklable) as the main process has it, on every process."""
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -98,6 +98,8 @@ def new_run_dir(recipe: Recipe, accelerator: Any, explicit: Optional[PathLike] =
 RESUME_SAFE_KEYS = ("trainer.epochs", "data.data_dir", "trainer.checkpoint_every_steps", "trainer.progress",
                     "trainer.log_with", "trainer.log_every_steps", "trainer.early_stopping_patience",
                     "trainer.eval_every_epochs",
+                    # how fast the step runs, not what it computes
+                    "trainer.threads", "trainer.compile", "trainer.nan_check_every_steps", "optimizer.fused",
                     # a resume reads the weights from its checkpoint, never the initial ones
                     "model.init_from")
 
@@ -359,12 +361,21 @@ def _train_in(recipe: Recipe, run_dir: Path, resume_ckpt: Optional[Path], accele
     for name, other in trainer.evaluation_models().items():  # e.g. an MPL teacher
         results[f"test_final_{name}"] = trainer.evaluate(exp.test_loader, model=other, prefix="test_")
     best = run_dir / "best.safetensors"
-    if best.is_file():
-        from convrecipes.checkpoint import load_checkpoint, load_model_weights, model_weights_of
+    # the main process reads the best weights and hands them to the others: across machines
+    # without a shared filesystem only the main process's node has the run directory, and a
+    # rank that decided on its own would skip the evaluation's collectives and hang the rest
+    best_weights = None
+    if accelerator.is_main_process and best.is_file():
+        from convrecipes.checkpoint import load_checkpoint, model_weights_of
 
         state, meta = load_checkpoint(best)
-        load_model_weights(trainer.unwrapped_model, model_weights_of(state, best), best)
-        results["best_epoch"] = meta.get("epoch")
+        best_weights = (dict(model_weights_of(state, best)), meta.get("epoch"))
+    best_weights = _from_main_process(best_weights, accelerator)
+    if best_weights is not None:
+        from convrecipes.checkpoint import load_model_weights
+
+        load_model_weights(trainer.unwrapped_model, best_weights[0], best)
+        results["best_epoch"] = best_weights[1]
         results["test_best"] = trainer.evaluate(exp.test_loader, prefix="test_")
     results["wall_time_s"] = round(clock.elapsed(), 1)  # across resumes
     if has_unseen_test_classes(recipe.data.name):

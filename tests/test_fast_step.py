@@ -184,11 +184,43 @@ def test_fused_optimizer_matches_the_loop(name):
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_is_the_default_where_torch_has_it():
-    assert fused_kwargs("sgd") == {"fused": True} and fused_kwargs("adamax") == {}
-    assert fused_kwargs("sgd", False) == {}
+def test_fused_is_the_default_where_it_is_safe():
+    assert fused_kwargs("adamw") == fused_kwargs("adam") == {"fused": True}
+    assert fused_kwargs("sgd") == fused_kwargs("adamax") == {"foreach": True}
+    assert fused_kwargs("sgd", True) == {"fused": True} and fused_kwargs("sgd", False) == {}
     with pytest.raises(RecipeError, match="no fused adamax"):
         fused_kwargs("adamax", True)
+
+
+def test_a_resume_keeps_the_optimizer_implementation(tmp_path):
+    """A checkpoint written by the per-parameter loop resumes fused (the flag is how the
+    optimizer computes, which torch's load_state_dict would take from the checkpoint), with
+    the same momentum buffers."""
+    _, path, loop = _losses_and_checkpoint(tmp_path / "loop", ["optimizer.fused=false"])
+    fused = build(load_recipe("quickstart", TINY + ["optimizer.fused=true"]), run_dir=tmp_path / "fused")
+    fused.trainer.load_checkpoint(path)
+    assert all(g["fused"] is True for g in fused.trainer.optimizer.param_groups)
+    for a, b in zip(loop.trainer.optimizer.state.values(), fused.trainer.optimizer.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adamax"])
+def test_the_default_optimizer_takes_a_parameter_that_starts_training_late(name):
+    """A layer without gradient for the first steps (frozen, then unfrozen): the default
+    kernel (foreach SGD, fused AdamW) steps it as the per-parameter loop does."""
+    results = []
+    for fused in (None, False):
+        model = _mlp()
+        opt = build_optimizer(model, name, lr=0.05, weight_decay=5e-4, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            model[1].weight.requires_grad_(step >= 2)  # no gradient in the first two steps
+            x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
 # -- channels-last and compile ------------------------------------------------------------

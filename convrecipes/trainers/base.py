@@ -54,6 +54,7 @@ from convrecipes.checkpoint import encode_checkpoint, model_weights_of, load_che
 from convrecipes.data.loader import InMemoryLoader, is_epoch_loader
 from convrecipes.errors import CheckpointError, NonFiniteLossError, RecipeError
 from convrecipes.progress import progress_bar, shows_next
+from convrecipes.optim import load_optimizer_state
 from convrecipes.losses.base import as_loss_output
 from convrecipes.models.output import ModelOutput, logits_of
 from convrecipes.trainers.callbacks import Callback
@@ -1075,10 +1076,10 @@ class Trainer:
                 if "ema" not in state:
                     raise CheckpointError(f"{path} has no EMA weights; resume with trainer.ema_decay unset")
                 load_model_weights(self.ema.module, state["ema"], path)
-            self.optimizers[main_opt].load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizers[main_opt], state["optimizer"])
             for name, optimizer in self.optimizers.items():
                 if name != main_opt:
-                    optimizer.load_state_dict(parts["optimizers"][name])
+                    load_optimizer_state(optimizer, parts["optimizers"][name])
             self.loss_fn.load_state_dict(state["loss"])
             for name, schedule in self.schedulers.items():
                 saved = state.get("scheduler") if name == main_opt else parts.get("schedulers", {}).get(name)
