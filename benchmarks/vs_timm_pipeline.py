@@ -24,7 +24,8 @@ Every cell of the grid (ours: compute threads; timm: compute threads x loader wo
 ``--steps`` timed training steps per round after warm-up, and the rounds alternate the order
 of the cells so background load hits all alike. A cell's number is the median over rounds;
 each side's best cell is compared. Prints a table and writes JSON; a model already in the
-JSON with the same settings is skipped (``--fresh`` re-measures).
+JSON with the same settings is skipped (``--fresh`` re-measures), and models measured with
+other settings stay in the file (each entry records its settings).
 
     python benchmarks/vs_timm_pipeline.py                                   # full: 4 models, 3 rounds
     python benchmarks/vs_timm_pipeline.py --steps 5 --rounds 1 --models tiny_cnn   # a quick look
@@ -154,6 +155,7 @@ class TimmLoop:
 def measure_model(model: str, args: argparse.Namespace, png_root: Path, mean: list[float],
                   std: list[float]) -> dict[str, Any]:
     """Median images/s of every grid cell of both sides for ``model``, rounds alternating."""
+    load_before = list(os.getloadavg())
     train = fashion_mnist_train()
     set_threads(max(args.ours_threads))
     trainer, loader = our_trainer(model, random_subset(train, args.steps * args.batch_size, seed=1),
@@ -186,7 +188,7 @@ def measure_model(model: str, args: argparse.Namespace, png_root: Path, mean: li
             "ours_best": {"cell": ours_best, "images_per_s": median[ours_best]},
             "timm_best": {"cell": timm_best, "images_per_s": median[timm_best]},
             "ratio": median[ours_best] / median[timm_best],
-            "load_average_after": list(os.getloadavg())}
+            "load_average_before": load_before, "load_average_after": list(os.getloadavg())}
 
 
 def cell_name(side: str, threads: int, workers: Optional[int]) -> str:
@@ -242,7 +244,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     out = Path(args.out)
     saved = json.loads(out.read_text()) if out.exists() and not args.fresh else {}
-    results: dict[str, Any] = {m: r for m, r in saved.get("models", {}).items() if r.get("settings") == settings_of(args)}
+    # every model saved stays in the file; one saved with these settings is not measured again
+    results: dict[str, Any] = dict(saved.get("models", {}))
     train = fashion_mnist_train()
     mean, std = dataset_mean_std(train.images)
     cache = (args.cache_dir or default_cache_dir()) / f"fashion_mnist_png_{args.images}"
@@ -251,12 +254,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"timm's image folder: {png_root} ({time.perf_counter() - t0:.1f} s to check/write)")
     load_before = list(os.getloadavg())
     for model in models:
-        if model in results:
-            print(f"{model}: measured already in {out} (--fresh to redo)")
+        if model in results and results[model].get("settings") == settings_of(args):
+            print(f"{model}: measured already in {out} with these settings (--fresh to redo)")
             continue
         results[model] = measure_model(model, args, png_root, mean, std)
         _write(out, results, load_before)
-    print_table({m: results[m] for m in models})
+    print_table(results)  # every model in the file, each measured with the settings it records
     _write(out, results, load_before)
     print(f"wrote {out}")
 
