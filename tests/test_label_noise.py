@@ -445,9 +445,9 @@ def test_a_noisy_run_records_the_noise_and_logs_the_memorisation_curve(tmp_path)
         images = exp.trainer.eval_transform(train.images[flipped].float() / 255, train.labels[flipped])[0]
         predicted = model(images).argmax(1)
     assert records[-1]["flipped_pred_noisy"] == pytest.approx(
-        100 * float((predicted == train.labels[flipped]).float().mean()), abs=1e-6)
+        100 * float((predicted == train.labels[flipped]).double().mean()), abs=1e-6)  # exact share: float64
     assert records[-1]["flipped_pred_true"] == pytest.approx(
-        100 * float((predicted == train.clean_labels[flipped]).float().mean()), abs=1e-6)
+        100 * float((predicted == train.clean_labels[flipped]).double().mean()), abs=1e-6)
 
 
 def test_a_data_error_leaves_no_empty_run_directory(tmp_path, capsys):
