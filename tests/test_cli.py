@@ -85,13 +85,28 @@ def test_train_reports_no_accuracy_when_the_test_classes_are_unseen(tmp_path, mo
     assert "no test accuracy" in out and "test_top1" not in out
 
 
-def test_unknown_key_wrong_type_and_unknown_names_exit_2():
+def run_in_process(capsys, *args):
+    """``run`` without a new interpreter (the same ``main``, its exit code and stderr)."""
+    from types import SimpleNamespace
+
+    from convrecipes.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
+def test_unknown_key_wrong_type_and_unknown_names_exit_2(capsys):
+    # one real process (exit status and stderr as a shell sees them), the rest in this one
     assert_user_error(run("train", "quickstart", "data.batchsize=3"), "data.batchsize", "batch_size")
-    assert_user_error(run("train", "quickstart", "optimizer.lr=abc"), "optimizer.lr", "number")
-    assert_user_error(run("train", "quickstart", "data.name=mnist"), "unknown dataset 'mnist'", "fashion_mnist")
-    assert_user_error(run("train", "quickstart", "loss.name=focal"), "unknown loss 'focal'", "hinge")
-    assert_user_error(run("train", "quickstart", "schedule.name=poly"), "unknown schedule 'poly'", "cosine")
-    assert_user_error(run("train", "quickstart", "model.name=resnet1800"), "unknown model", "resnet18")
+    cases = [(("optimizer.lr=abc",), ("optimizer.lr", "number")),
+             (("data.name=mnist",), ("unknown dataset 'mnist'", "fashion_mnist")),
+             (("loss.name=focal",), ("unknown loss 'focal'", "hinge")),
+             (("schedule.name=poly",), ("unknown schedule 'poly'", "cosine")),
+             (("model.name=resnet1800",), ("unknown model", "resnet18"))]
+    for overrides, fragments in cases:
+        assert_user_error(run_in_process(capsys, "train", "quickstart", *overrides), *fragments)
 
 
 def test_missing_dataset_exits_2_with_the_fix(tmp_path):
