@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from convrecipes.data.loader import ImageTensorDataset
 
 torch.set_num_threads(1)  # deterministic and fair on the 2-core CI machine
+# ... and kept at 1 when a test builds a trainer: build() sets the thread count from
+# trainer.threads, else OMP_NUM_THREADS, else the physical cores (convrecipes.threads)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
