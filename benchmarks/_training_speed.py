@@ -110,3 +110,8 @@ def timed_fit(trainer: Trainer, loader: InMemoryLoader) -> float:
         trainer.fit(loader, epochs=trainer.epoch + 1)
     _sync(trainer.device)
     return len(loader) * loader.batch_size / (time.perf_counter() - t0)
+
+
+def comma_ints(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]`` (a command-line list of counts)."""
+    return [int(x) for x in text.split(",") if x.strip()]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from _training_speed import MODELS, fashion_mnist_train, loader_like, model_kwargs, our_trainer, random_subset
-from _training_speed import set_threads, timed_fit
+from _training_speed import comma_ints, set_threads, timed_fit
 from convrecipes.models import create_model
 from convrecipes.trainers import Trainer
 
@@ -222,16 +222,12 @@ def print_tables(results: dict[str, Any]) -> None:
                   + f" {prof['seconds']['total'] / prof['steps']:>7.3f}")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--threads", type=_ints, default=[1, 2], help="compute threads, comma-separated (default 1,2)")
+    parser.add_argument("--threads", type=comma_ints, default=[1, 2], help="compute threads, comma-separated (default 1,2)")
     parser.add_argument("--steps", type=int, default=40, help="training steps per timed epoch")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=2, help="timed epochs (the median counts)")

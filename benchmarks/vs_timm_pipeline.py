@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from _training_speed import MODELS, fashion_mnist_train, loader_like, model_kwargs, our_trainer, random_subset
-from _training_speed import set_threads, timed_fit
+from _training_speed import comma_ints, set_threads, timed_fit
 from convrecipes.augment import dataset_mean_std
 from convrecipes.data import ImageTensorDataset
 from convrecipes.models import create_model
@@ -215,10 +215,6 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{model}: " + ", ".join(f"{k} {v:.0f}" for k, v in res["median"].items()))
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -228,9 +224,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the grid, alternating the order")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--ours-threads", type=_ints, default=[1, 2], help="comma-separated (default 1,2)")
-    parser.add_argument("--timm-threads", type=_ints, default=[1, 2], help="comma-separated (default 1,2)")
-    parser.add_argument("--timm-workers", type=_ints, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    parser.add_argument("--ours-threads", type=comma_ints, default=[1, 2], help="comma-separated (default 1,2)")
+    parser.add_argument("--timm-threads", type=comma_ints, default=[1, 2], help="comma-separated (default 1,2)")
+    parser.add_argument("--timm-workers", type=comma_ints, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     parser.add_argument("--images", type=int, default=60000,
                         help="Fashion-MNIST training images in timm's PNG folder (default: all 60,000)")
     parser.add_argument("--cache-dir", type=Path, default=None,
